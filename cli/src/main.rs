@@ -1,0 +1,306 @@
+//! `fedtune`: the command line. Argument parsing and printing only; the work is done by the
+//! libraries.
+
+mod bench;
+mod fetch;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use fedtune_shared::device::BackendKind;
+use fedtune_shared::eval::mean_next_token_nll;
+use fedtune_shared::generate::{GenerationConfig, generate};
+use fedtune_shared::pretrained::Pretrained;
+use fedtune_shared::tokenizer::ChatMessage;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Federated fine-tuning of language models.
+#[derive(Debug, Parser)]
+#[command(name = "fedtune", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the token ids of TEXT (no special tokens added).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print JSON: {"ids": [...]}.
+        #[arg(long)]
+        json: bool,
+        /// The text.
+        text: String,
+    },
+    /// Mean next-token negative log-likelihood of TEXT (natural log, no BOS added).
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print JSON: {"ids": [...], "mean_next_token_nll": X}.
+        #[arg(long)]
+        json: bool,
+        /// The text.
+        text: String,
+    },
+    /// Continue PROMPT (greedy unless --temperature is set).
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Print JSON: {"new_ids": [...], "text": "..."}.
+        #[arg(long)]
+        json: bool,
+        /// Wrap PROMPT as one user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling threshold.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The prompt.
+        prompt: String,
+    },
+    /// Benchmarks; each prints a table, or JSON with --json.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
+    },
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models folder.
+    FetchModel {
+        /// Target folder (default: $FEDTUNE_MODELS_DIR or ./models).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Show a model's configuration and tensors.
+    Inspect {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// One forward pass (batch 1) at a given sequence length.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Tokens in the sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Measured runs.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Unmeasured warm-up runs.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Print JSON: {"median_s": X, "tokens_per_s": Y, ...}.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// A .gguf file or a Hugging Face folder (default: the SmolLM2 model, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(["cpu", "wgpu"]))]
+    backend: String,
+}
+
+impl ModelArgs {
+    fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.model {
+            Some(path) => Ok(path.clone()),
+            None => fetch::ensure_default_model(&fetch::models_dir()),
+        }
+    }
+
+    fn load(&self, quiet: bool) -> anyhow::Result<Pretrained> {
+        let path = self.path()?;
+        let backend: BackendKind = self.backend.parse().map_err(anyhow::Error::msg)?;
+        let device = backend.device()?;
+        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        bar.set_style(
+            ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar.set_message(path.display().to_string());
+        let pretrained = Pretrained::open(&path, &device, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })
+        .with_context(|| format!("loading {}", path.display()))?;
+        bar.finish_and_clear();
+        Ok(pretrained)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Tokenize { model, json, text } => {
+            let tokenizer = Pretrained::open_tokenizer(model.path()?)?;
+            let ids = tokenizer.encode(&text)?;
+            if json {
+                println!("{}", json!({ "ids": ids }));
+            } else {
+                for id in &ids {
+                    let token = tokenizer.id_to_token(*id).unwrap_or_default();
+                    println!("{id:>6}  {token:?}");
+                }
+            }
+        }
+        Command::Score { model, json, text } => {
+            let pretrained = model.load(json)?;
+            let ids = pretrained.tokenizer.encode(&text)?;
+            let Some(nll) = mean_next_token_nll(&pretrained.model, &ids) else {
+                bail!("scoring needs at least two tokens, `{text}` has {}", ids.len());
+            };
+            if json {
+                println!("{}", json!({ "ids": ids, "mean_next_token_nll": nll }));
+            } else {
+                println!("tokens: {}", ids.len());
+                println!("mean next-token NLL: {nll:.6} (perplexity {:.3})", nll.exp());
+            }
+        }
+        Command::Generate {
+            model,
+            json,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            prompt,
+        } => {
+            let pretrained = model.load(json)?;
+            let tokenizer = &pretrained.tokenizer;
+            let text = if chat {
+                let message = ChatMessage {
+                    role: "user".into(),
+                    content: prompt,
+                };
+                tokenizer.apply_chat_template(&[message], true)?
+            } else {
+                prompt
+            };
+            let ids = tokenizer.encode(&text)?;
+            if ids.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let config = GenerationConfig {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+                stop_ids: tokenizer.end_of_turn_ids(),
+            };
+            let mut stdout = std::io::stdout();
+            let mut printed = 0usize;
+            let mut so_far = Vec::new();
+            let generation = generate(&pretrained.model, &ids, &config, |id| {
+                if json {
+                    return;
+                }
+                // Stream whole characters: decode everything so far and print the new suffix.
+                so_far.push(id);
+                if let Ok(text) = tokenizer.decode(&so_far) {
+                    if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}') {
+                        let _ = write!(stdout, "{}", &text[printed..]);
+                        let _ = stdout.flush();
+                        printed = text.len();
+                    }
+                }
+            });
+            let text = tokenizer.decode(&generation.new_ids)?;
+            if json {
+                println!("{}", json!({ "new_ids": generation.new_ids, "text": text }));
+            } else {
+                if text.len() > printed {
+                    print!("{}", &text[printed..]);
+                }
+                println!();
+            }
+        }
+        Command::Bench { which } => match which {
+            BenchCommand::Forward {
+                model,
+                seq_len,
+                runs,
+                warmup,
+                json,
+            } => {
+                if seq_len == 0 {
+                    bail!("--seq-len must be positive");
+                }
+                let pretrained = model.load(json)?;
+                let t = bench::forward(&pretrained.model, seq_len, warmup, runs);
+                let tokens_per_s = seq_len as f64 / t.median_s;
+                // Two FLOPs per weight per token in the projections and the output head.
+                let matmul_params = pretrained.config.num_params()
+                    - pretrained.config.vocab_size * pretrained.config.hidden_size
+                        * usize::from(!pretrained.config.tie_word_embeddings);
+                let gflops = 2.0 * matmul_params as f64 * seq_len as f64 / t.median_s / 1e9;
+                if json {
+                    println!(
+                        "{}",
+                        json!({
+                            "median_s": t.median_s,
+                            "tokens_per_s": tokens_per_s,
+                            "min_s": t.min_s,
+                            "runs": t.runs,
+                            "seq_len": seq_len,
+                            "backend": model.backend,
+                            "gflop_per_s": gflops,
+                        })
+                    );
+                } else {
+                    println!("| benchmark | backend | seq_len | runs | median (s) | min (s) | tokens/s | GFLOP/s |");
+                    println!("|---|---|---|---|---|---|---|---|");
+                    println!(
+                        "| forward | {} | {seq_len} | {} | {:.4} | {:.4} | {tokens_per_s:.1} | {gflops:.1} |",
+                        model.backend, t.runs, t.median_s, t.min_s
+                    );
+                }
+            }
+        },
+        Command::FetchModel { dir } => {
+            let path = fetch::ensure_default_model(&dir.unwrap_or_else(fetch::models_dir))?;
+            println!("{}", path.display());
+        }
+        Command::Inspect { model } => {
+            let path = model.path()?;
+            if path.is_dir() {
+                let folder = fedtune_shared::checkpoint::HfFolder::open(&path)?;
+                use fedtune_shared::checkpoint::WeightSource;
+                println!("{}", serde_json::to_string_pretty(folder.config())?);
+            } else {
+                let source = fedtune_shared::checkpoint::GgufSource::open(&path)?;
+                use fedtune_shared::checkpoint::WeightSource;
+                println!("{}", serde_json::to_string_pretty(source.config())?);
+                println!("parameters: {}", source.config().num_params());
+                for t in source.file().tensors() {
+                    println!("{:<32} {:?} {:?}", t.name, t.shape(), t.ty);
+                }
+            }
+        }
+    }
+    Ok(())
+}

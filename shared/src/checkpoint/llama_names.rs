@@ -1,0 +1,209 @@
+//! Names of a Llama model's tensors, written once: Hugging Face (`model.layers.0.self_attn.q_proj
+//! .weight`) and llama.cpp GGUF (`blk.0.attn_q.weight`), plus the shape each must have.
+
+use crate::model::LlamaConfig;
+
+/// A tensor inside one decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LayerTensor {
+    /// RMSNorm before attention.
+    AttnNorm,
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// RMSNorm before the MLP.
+    MlpNorm,
+    /// SwiGLU gate projection.
+    Gate,
+    /// SwiGLU up projection.
+    Up,
+    /// SwiGLU down projection.
+    Down,
+}
+
+impl LayerTensor {
+    /// Every layer tensor, in checkpoint order.
+    pub const ALL: [LayerTensor; 9] = [
+        Self::AttnNorm,
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::MlpNorm,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+}
+
+/// One tensor of a Llama checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LlamaTensor {
+    /// Token embedding `[vocab, hidden]`.
+    Embed,
+    /// A tensor of decoder layer `.0`.
+    Layer(usize, LayerTensor),
+    /// Final RMSNorm.
+    FinalNorm,
+    /// Output head `[vocab, hidden]` (absent when tied to the embedding).
+    LmHead,
+}
+
+impl LlamaTensor {
+    /// Every tensor a model of `config` needs, in checkpoint order.
+    pub fn all(config: &LlamaConfig) -> Vec<LlamaTensor> {
+        let mut out = vec![Self::Embed];
+        for layer in 0..config.num_layers {
+            out.extend(LayerTensor::ALL.iter().map(|&t| Self::Layer(layer, t)));
+        }
+        out.push(Self::FinalNorm);
+        if !config.tie_word_embeddings {
+            out.push(Self::LmHead);
+        }
+        out
+    }
+
+    /// The Hugging Face `transformers` name.
+    pub fn hf_name(&self) -> String {
+        match self {
+            Self::Embed => "model.embed_tokens.weight".into(),
+            Self::FinalNorm => "model.norm.weight".into(),
+            Self::LmHead => "lm_head.weight".into(),
+            Self::Layer(i, t) => {
+                let leaf = match t {
+                    LayerTensor::AttnNorm => "input_layernorm",
+                    LayerTensor::Q => "self_attn.q_proj",
+                    LayerTensor::K => "self_attn.k_proj",
+                    LayerTensor::V => "self_attn.v_proj",
+                    LayerTensor::O => "self_attn.o_proj",
+                    LayerTensor::MlpNorm => "post_attention_layernorm",
+                    LayerTensor::Gate => "mlp.gate_proj",
+                    LayerTensor::Up => "mlp.up_proj",
+                    LayerTensor::Down => "mlp.down_proj",
+                };
+                format!("model.layers.{i}.{leaf}.weight")
+            }
+        }
+    }
+
+    /// The llama.cpp GGUF name.
+    pub fn gguf_name(&self) -> String {
+        match self {
+            Self::Embed => "token_embd.weight".into(),
+            Self::FinalNorm => "output_norm.weight".into(),
+            Self::LmHead => "output.weight".into(),
+            Self::Layer(i, t) => {
+                let leaf = match t {
+                    LayerTensor::AttnNorm => "attn_norm",
+                    LayerTensor::Q => "attn_q",
+                    LayerTensor::K => "attn_k",
+                    LayerTensor::V => "attn_v",
+                    LayerTensor::O => "attn_output",
+                    LayerTensor::MlpNorm => "ffn_norm",
+                    LayerTensor::Gate => "ffn_gate",
+                    LayerTensor::Up => "ffn_up",
+                    LayerTensor::Down => "ffn_down",
+                };
+                format!("blk.{i}.{leaf}.weight")
+            }
+        }
+    }
+
+    /// The row-major shape (`[out, in]` for projections) the tensor must have under `config`.
+    pub fn shape(&self, config: &LlamaConfig) -> Vec<usize> {
+        let h = config.hidden_size;
+        let q = config.num_heads * config.head_dim;
+        let kv = config.num_kv_heads * config.head_dim;
+        let f = config.intermediate_size;
+        match self {
+            Self::Embed | Self::LmHead => vec![config.vocab_size, h],
+            Self::FinalNorm => vec![h],
+            Self::Layer(_, t) => match t {
+                LayerTensor::AttnNorm | LayerTensor::MlpNorm => vec![h],
+                LayerTensor::Q => vec![q, h],
+                LayerTensor::K | LayerTensor::V => vec![kv, h],
+                LayerTensor::O => vec![h, q],
+                LayerTensor::Gate | LayerTensor::Up => vec![f, h],
+                LayerTensor::Down => vec![h, f],
+            },
+        }
+    }
+
+    /// Heads whose rows llama.cpp's converter permuted for interleaved rotary embeddings:
+    /// `Some(num_heads)` for queries, `Some(num_kv_heads)` for keys.
+    pub fn rope_permuted_heads(&self, config: &LlamaConfig) -> Option<usize> {
+        match self {
+            Self::Layer(_, LayerTensor::Q) => Some(config.num_heads),
+            Self::Layer(_, LayerTensor::K) => Some(config.num_kv_heads),
+            _ => None,
+        }
+    }
+}
+
+/// Undoes llama.cpp's query/key row permutation, in place.
+///
+/// Hugging Face stores a head's rows as `[first half | second half]` (rotate-half rotary);
+/// `convert_hf_to_gguf.py` reorders them to interleaved pairs with
+/// `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2)`. fedtune's model uses the Hugging Face
+/// layout (the one PEFT adapters and safetensors share), so GGUF rows are moved back: GGUF row
+/// `h*d + 2*j + i` becomes Hugging Face row `h*d + i*d/2 + j`.
+pub fn unpermute_rope_rows(values: &mut [f32], heads: usize, cols: usize) {
+    let rows = values.len() / cols;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let src = values.to_vec();
+    for h in 0..heads {
+        for j in 0..half {
+            for i in 0..2 {
+                let from = (h * head_dim + 2 * j + i) * cols;
+                let to = (h * head_dim + i * half + j) * cols;
+                values[to..to + cols].copy_from_slice(&src[from..from + cols]);
+            }
+        }
+    }
+}
+
+/// The inverse of [`unpermute_rope_rows`]: Hugging Face rows to llama.cpp's order (for export).
+pub fn permute_rope_rows(values: &mut [f32], heads: usize, cols: usize) {
+    let rows = values.len() / cols;
+    let head_dim = rows / heads;
+    let half = head_dim / 2;
+    let src = values.to_vec();
+    for h in 0..heads {
+        for j in 0..half {
+            for i in 0..2 {
+                let hf = (h * head_dim + i * half + j) * cols;
+                let gguf = (h * head_dim + 2 * j + i) * cols;
+                values[gguf..gguf + cols].copy_from_slice(&src[hf..hf + cols]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_both_conventions() {
+        let t = LlamaTensor::Layer(3, LayerTensor::Down);
+        assert_eq!(t.hf_name(), "model.layers.3.mlp.down_proj.weight");
+        assert_eq!(t.gguf_name(), "blk.3.ffn_down.weight");
+        assert_eq!(LlamaTensor::all(&LlamaConfig::tiny()).len(), 1 + 2 * 9 + 1);
+    }
+
+    #[test]
+    fn permutation_matches_llama_cpp_and_inverts() {
+        // One head of dim 4 with 1 column: HF rows [a0 a1 | b0 b1] become interleaved [a0 b0 a1 b1].
+        let mut rows = vec![0.0, 1.0, 10.0, 11.0];
+        permute_rope_rows(&mut rows, 1, 1);
+        assert_eq!(rows, vec![0.0, 10.0, 1.0, 11.0]);
+        unpermute_rope_rows(&mut rows, 1, 1);
+        assert_eq!(rows, vec![0.0, 1.0, 10.0, 11.0]);
+    }
+}

@@ -1,0 +1,5 @@
+//! Measuring a model: next-token negative log-likelihood (and so perplexity).
+
+pub mod perplexity;
+
+pub use perplexity::{mean_next_token_nll, token_nlls};

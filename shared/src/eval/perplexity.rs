@@ -1,0 +1,42 @@
+//! Next-token negative log-likelihood: the loss every fedtune algorithm minimises and the
+//! number `fedtune score` prints.
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::model::{Llama, TokenBatch};
+
+/// Per-position negative log-likelihood (natural log) of each token given its prefix.
+///
+/// Row `b` yields `lengths[b] - 1` values: the NLL of `ids[b][1..len]`.
+pub fn token_nlls(model: &Llama, batch: &TokenBatch) -> Vec<Vec<f32>> {
+    let [rows, seq] = batch.dims();
+    if seq < 2 {
+        return vec![Vec::new(); rows];
+    }
+    let logits = model.forward_batch(batch).narrow(1, 0, seq - 1);
+    let targets: Tensor<3, Int> = batch.ids.clone().narrow(1, 1, seq - 1).unsqueeze_dim(2);
+    let nll = log_softmax(logits, 2).gather(2, targets).neg();
+    let values: Vec<f32> = nll.into_data().try_into_vec_as().expect("losses are float32");
+    (0..rows)
+        .map(|b| values[b * (seq - 1)..b * (seq - 1) + batch.lengths[b].saturating_sub(1)].to_vec())
+        .collect()
+}
+
+/// Mean next-token NLL of one sequence (no BOS added): the mean cross-entropy of predicting
+/// `ids[1..]` from the prefix, as transformers' `model(ids, labels=ids).loss` computes it.
+///
+/// Returns `None` for fewer than two tokens.
+pub fn mean_next_token_nll(model: &Llama, ids: &[u32]) -> Option<f64> {
+    if ids.len() < 2 {
+        return None;
+    }
+    let device = model.device();
+    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let batch = TokenBatch {
+        ids: Tensor::from_data(TensorData::new(data, [1, ids.len()]), &device),
+        lengths: vec![ids.len()],
+    };
+    let nlls = token_nlls(model, &batch).pop()?;
+    Some(nlls.iter().map(|&v| v as f64).sum::<f64>() / nlls.len() as f64)
+}

@@ -1,0 +1,15 @@
+//! fedtune-shared: what fedtune's client and server both need: the Llama-family model in burn,
+//! checkpoint readers, the tokenizer, and (in later modules) the federated algorithms and the
+//! wire protocol.
+
+#![warn(missing_docs, unreachable_pub)]
+// One audited `unsafe` block per checkpoint format maps files into memory (see `checkpoint`).
+#![deny(unsafe_code)]
+
+pub mod checkpoint;
+pub mod device;
+pub mod eval;
+pub mod generate;
+pub mod model;
+pub mod pretrained;
+pub mod tokenizer;

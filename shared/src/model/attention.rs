@@ -1,0 +1,78 @@
+//! Grouped-query self-attention with rotary embeddings and an additive mask (causal and padding).
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use burn::tensor::activation::softmax;
+
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::rope::RopeTables;
+
+/// Self-attention where `num_heads` query heads share `num_kv_heads` key/value heads.
+///
+/// Head counts are per layer, not global, because structured pruning removes heads layer by
+/// layer: a query head is its `head_dim` rows of `q_proj` and columns of `o_proj`; a key/value
+/// head goes only with its whole group of query heads.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// `[num_heads * head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// `[num_kv_heads * head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// `[num_kv_heads * head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// `[hidden, num_heads * head_dim]`.
+    pub o_proj: Linear,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Key/value heads.
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// Applies attention to `x`, appending to `cache` (as layer `layer`) when one is given.
+    ///
+    /// `bias` is added to the attention scores: 0 where a query may look at a key, a large
+    /// negative number where it may not (future positions, padding).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - bias: `[batch or 1, 1, seq, cached + seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        bias: &Tensor<4>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
+        let [batch, seq, _] = x.dims();
+        let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let group = heads / kv_heads;
+
+        let split = |t: Tensor<3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), heads));
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), kv_heads));
+        let v = split(self.v_proj.forward(x), kv_heads);
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let total = k.dims()[2];
+
+        // Query head h uses key/value head h / group. Folding each group's queries into the
+        // sequence axis lets one batched matmul serve the group without copying keys per head.
+        let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
+        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
+        let scores = scores.reshape([batch, kv_heads, group, seq, total]) + bias.clone().unsqueeze_dim::<5>(2);
+        let probs = softmax(scores, 4).reshape([batch, kv_heads, group * seq, total]);
+        let context = probs
+            .matmul(v)
+            .reshape([batch, heads, seq, head_dim])
+            .swap_dims(1, 2)
+            .reshape([batch, seq, heads * head_dim]);
+        self.o_proj.forward(context)
+    }
+}

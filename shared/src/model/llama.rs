@@ -1,0 +1,165 @@
+//! The Llama-family decoder: embedding, decoder layers, final norm, output head.
+
+use burn::module::{Module, Param};
+use burn::nn::RmsNorm;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::attention::Attention;
+use super::batch::{TokenBatch, attention_bias};
+use super::block::DecoderLayer;
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::mlp::Mlp;
+use super::rope::RopeTables;
+use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, WeightSource};
+
+/// A Llama-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<2>>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm,
+    /// Untied output head `[vocab, hidden]`; `None` when the head reuses `embed_tokens`.
+    pub lm_head: Option<Linear>,
+    /// Rotary base.
+    pub rope_theta: f64,
+}
+
+impl Llama {
+    /// Builds the model from a checkpoint on `device`, calling `progress(done, total)` after
+    /// each tensor (for a progress bar).
+    pub fn load(
+        source: &dyn WeightSource,
+        device: &Device,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self, CheckpointError> {
+        let config = source.config().clone();
+        let names = LlamaTensor::all(&config);
+        let total = names.len();
+        let mut done = 0;
+        let mut next = |name: LlamaTensor| -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
+            let values = source.tensor(name)?;
+            done += 1;
+            progress(done, total);
+            Ok((values, name.shape(&config)))
+        };
+        let linear = |(values, shape): (Vec<f32>, Vec<usize>)| {
+            Linear::from_values(values, shape[0], shape[1], device)
+        };
+        let norm = |(values, shape): (Vec<f32>, Vec<usize>)| RmsNorm {
+            gamma: Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)),
+            epsilon: config.rms_norm_eps,
+        };
+
+        let (embed, shape) = next(LlamaTensor::Embed)?;
+        let embed_tokens = Param::from_tensor(Tensor::from_data(TensorData::new(embed, shape), device));
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let mut t = |t: LayerTensor| next(LlamaTensor::Layer(i, t));
+            let input_norm = norm(t(LayerTensor::AttnNorm)?);
+            let attention = Attention {
+                q_proj: linear(t(LayerTensor::Q)?),
+                k_proj: linear(t(LayerTensor::K)?),
+                v_proj: linear(t(LayerTensor::V)?),
+                o_proj: linear(t(LayerTensor::O)?),
+                num_heads: config.num_heads,
+                num_kv_heads: config.num_kv_heads,
+                head_dim: config.head_dim,
+            };
+            let post_attention_norm = norm(t(LayerTensor::MlpNorm)?);
+            let mlp = Mlp {
+                gate_proj: linear(t(LayerTensor::Gate)?),
+                up_proj: linear(t(LayerTensor::Up)?),
+                down_proj: linear(t(LayerTensor::Down)?),
+            };
+            layers.push(DecoderLayer {
+                input_norm,
+                attention,
+                post_attention_norm,
+                mlp,
+            });
+        }
+        let norm = norm(next(LlamaTensor::FinalNorm)?);
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(next(LlamaTensor::LmHead)?))
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope_theta: config.rope_theta,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.val().device()
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.dims()[0]
+    }
+
+    /// Hidden states after the final norm, for every position.
+    ///
+    /// `lengths` marks right padding (see [`TokenBatch`]); `cache`, when given, holds earlier
+    /// positions and receives these.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden(&self, ids: Tensor<2, Int>, lengths: Option<&[usize]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let device = ids.device();
+        let [_, seq] = ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let head_dim = self.layers.first().map_or(2, |l| l.attention.head_dim);
+        let rope = RopeTables::new(head_dim, self.rope_theta, past, seq, &device);
+        let bias = attention_bias(seq, past, lengths, &device);
+
+        let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &rope, &bias, cache.as_deref_mut().map(|c| (c, i)));
+        }
+        self.norm.forward(x)
+    }
+
+    /// Next-token logits from hidden states.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => burn::tensor::module::linear(hidden, self.embed_tokens.val().transpose(), None),
+        }
+    }
+
+    /// Logits for every position of `ids`.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, vocab]`
+    pub fn forward(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.hidden(ids, None, cache))
+    }
+
+    /// Logits for every position of a padded batch (padding positions produce logits too;
+    /// callers mask them out of losses).
+    pub fn forward_batch(&self, batch: &TokenBatch) -> Tensor<3> {
+        let lengths = batch.is_padded().then_some(batch.lengths.as_slice());
+        self.logits(self.hidden(batch.ids.clone(), lengths, None))
+    }
+
+    /// An empty KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+}

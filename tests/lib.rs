@@ -1,0 +1,1 @@
+//! Integration tests across fedtune's crates live in `tests/`; this library is empty.
