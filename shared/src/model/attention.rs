@@ -11,17 +11,17 @@ use super::rope::RopeTables;
 /// Self-attention where `num_heads` query heads share `num_kv_heads` key/value heads.
 ///
 /// Head counts are per layer, not global, because structured pruning removes heads layer by
-/// layer: a query head is its `head_dim` rows of `q_proj` and columns of `o_proj`; a key/value
-/// head goes only with its whole group of query heads.
+/// layer: a query head is its `head_dim` output units of `q_proj` and input units of `o_proj`; a
+/// key/value head goes only with its whole group of query heads.
 #[derive(Module, Debug)]
 pub struct Attention {
-    /// `[num_heads * head_dim, hidden]`.
+    /// `hidden -> num_heads * head_dim`.
     pub q_proj: Linear,
-    /// `[num_kv_heads * head_dim, hidden]`.
+    /// `hidden -> num_kv_heads * head_dim`.
     pub k_proj: Linear,
-    /// `[num_kv_heads * head_dim, hidden]`.
+    /// `hidden -> num_kv_heads * head_dim`.
     pub v_proj: Linear,
-    /// `[hidden, num_heads * head_dim]`.
+    /// `num_heads * head_dim -> hidden`.
     pub o_proj: Linear,
     /// Query heads.
     pub num_heads: usize,

@@ -47,7 +47,7 @@ impl Llama {
             Ok((values, name.shape(&config)))
         };
         let linear = |(values, shape): (Vec<f32>, Vec<usize>)| {
-            Linear::from_values(values, shape[0], shape[1], device)
+            Linear::from_checkpoint(&values, shape[0], shape[1], device)
         };
         let norm = |(values, shape): (Vec<f32>, Vec<usize>)| RmsNorm {
             gamma: Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)),
@@ -138,7 +138,18 @@ impl Llama {
     pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            None => burn::tensor::module::linear(hidden, self.embed_tokens.val().transpose(), None),
+            None => {
+                let [batch, seq, width] = hidden.dims();
+                let vocab = self.vocab_size();
+                // logitsᵀ = E hᵀ: the embedding `[vocab, hidden]` is the left operand, read
+                // row-major as stored; only the small hidden-state matrix goes through a
+                // transposed view. (`h Eᵀ` would make gemm gather all of E element by element.)
+                self.embed_tokens
+                    .val()
+                    .matmul(hidden.reshape([batch * seq, width]).transpose())
+                    .transpose()
+                    .reshape([batch, seq, vocab])
+            }
         }
     }
 

@@ -6,15 +6,15 @@ use burn::tensor::activation::silu;
 
 use super::linear::Linear;
 
-/// SwiGLU MLP. Its intermediate channels are rows of `gate` and `up` and columns of `down`,
-/// which is how structured pruning removes them.
+/// SwiGLU MLP. An intermediate channel is one output unit of `gate_proj` and `up_proj` and one
+/// input unit of `down_proj`, which is how structured pruning removes it.
 #[derive(Module, Debug)]
 pub struct Mlp {
-    /// `[intermediate, hidden]`.
+    /// `hidden -> intermediate`.
     pub gate_proj: Linear,
-    /// `[intermediate, hidden]`.
+    /// `hidden -> intermediate`.
     pub up_proj: Linear,
-    /// `[hidden, intermediate]`.
+    /// `intermediate -> hidden`.
     pub down_proj: Linear,
 }
 
