@@ -45,7 +45,7 @@ struct GenerateCase {
 fn setup(test: &str) -> Option<(Tokenizer, Reference)> {
     for path in [REFERENCE, MODEL] {
         if !Path::new(path).exists() {
-            eprintln!("skipping {test}: {path} is absent");
+            eprintln!("SKIPPED: {test}: {path} is absent");
             return None;
         }
     }

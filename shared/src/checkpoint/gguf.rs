@@ -528,8 +528,8 @@ fn read_value(r: &mut Reader<'_>, ty: u32, depth: usize) -> Result<MetadataValue
 #[derive(Debug, Default)]
 pub struct GgufWriter {
     metadata: GgufMetadata,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
-    raw_type_ids: Vec<u32>,
+    /// Name, ggml dims (innermost first), ggml type id, data.
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
 }
 
 impl GgufWriter {
@@ -559,9 +559,7 @@ impl GgufWriter {
     /// Adds a tensor from raw bytes and a raw type id (tests use it to write hostile files).
     pub fn raw_tensor(&mut self, name: &str, shape: &[usize], type_id: u32, bytes: Vec<u8>) -> &mut Self {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
-        let ty = GgmlType::from_id(type_id).unwrap_or(GgmlType::F32);
-        self.tensors.push((name.to_string(), dims, ty, bytes));
-        self.raw_type_ids.push(type_id);
+        self.tensors.push((name.to_string(), dims, type_id, bytes));
         self
     }
 
@@ -579,7 +577,7 @@ impl GgufWriter {
         }
         let mut offset = 0u64;
         let mut offsets = Vec::with_capacity(self.tensors.len());
-        for ((name, dims, _, bytes), type_id) in self.tensors.iter().zip(&self.raw_type_ids) {
+        for (name, dims, type_id, bytes) in &self.tensors {
             write_string(&mut out, name);
             out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
             for d in dims {

@@ -27,6 +27,21 @@ pub enum LayerTensor {
 }
 
 impl LayerTensor {
+    /// The tensor's name inside a layer: (Hugging Face, GGUF).
+    fn leaf_names(self) -> (&'static str, &'static str) {
+        match self {
+            Self::AttnNorm => ("input_layernorm", "attn_norm"),
+            Self::Q => ("self_attn.q_proj", "attn_q"),
+            Self::K => ("self_attn.k_proj", "attn_k"),
+            Self::V => ("self_attn.v_proj", "attn_v"),
+            Self::O => ("self_attn.o_proj", "attn_output"),
+            Self::MlpNorm => ("post_attention_layernorm", "ffn_norm"),
+            Self::Gate => ("mlp.gate_proj", "ffn_gate"),
+            Self::Up => ("mlp.up_proj", "ffn_up"),
+            Self::Down => ("mlp.down_proj", "ffn_down"),
+        }
+    }
+
     /// Every layer tensor, in checkpoint order.
     pub const ALL: [LayerTensor; 9] = [
         Self::AttnNorm,
@@ -74,20 +89,7 @@ impl LlamaTensor {
             Self::Embed => "model.embed_tokens.weight".into(),
             Self::FinalNorm => "model.norm.weight".into(),
             Self::LmHead => "lm_head.weight".into(),
-            Self::Layer(i, t) => {
-                let leaf = match t {
-                    LayerTensor::AttnNorm => "input_layernorm",
-                    LayerTensor::Q => "self_attn.q_proj",
-                    LayerTensor::K => "self_attn.k_proj",
-                    LayerTensor::V => "self_attn.v_proj",
-                    LayerTensor::O => "self_attn.o_proj",
-                    LayerTensor::MlpNorm => "post_attention_layernorm",
-                    LayerTensor::Gate => "mlp.gate_proj",
-                    LayerTensor::Up => "mlp.up_proj",
-                    LayerTensor::Down => "mlp.down_proj",
-                };
-                format!("model.layers.{i}.{leaf}.weight")
-            }
+            Self::Layer(i, t) => format!("model.layers.{i}.{}.weight", t.leaf_names().0),
         }
     }
 
@@ -97,20 +99,7 @@ impl LlamaTensor {
             Self::Embed => "token_embd.weight".into(),
             Self::FinalNorm => "output_norm.weight".into(),
             Self::LmHead => "output.weight".into(),
-            Self::Layer(i, t) => {
-                let leaf = match t {
-                    LayerTensor::AttnNorm => "attn_norm",
-                    LayerTensor::Q => "attn_q",
-                    LayerTensor::K => "attn_k",
-                    LayerTensor::V => "attn_v",
-                    LayerTensor::O => "attn_output",
-                    LayerTensor::MlpNorm => "ffn_norm",
-                    LayerTensor::Gate => "ffn_gate",
-                    LayerTensor::Up => "ffn_up",
-                    LayerTensor::Down => "ffn_down",
-                };
-                format!("blk.{i}.{leaf}.weight")
-            }
+            Self::Layer(i, t) => format!("blk.{i}.{}.weight", t.leaf_names().1),
         }
     }
 
@@ -153,23 +142,15 @@ impl LlamaTensor {
 /// layout (the one PEFT adapters and safetensors share), so GGUF rows are moved back: GGUF row
 /// `h*d + 2*j + i` becomes Hugging Face row `h*d + i*d/2 + j`.
 pub fn unpermute_rope_rows(values: &mut [f32], heads: usize, cols: usize) {
-    let rows = values.len() / cols;
-    let head_dim = rows / heads;
-    let half = head_dim / 2;
-    let src = values.to_vec();
-    for h in 0..heads {
-        for j in 0..half {
-            for i in 0..2 {
-                let from = (h * head_dim + 2 * j + i) * cols;
-                let to = (h * head_dim + i * half + j) * cols;
-                values[to..to + cols].copy_from_slice(&src[from..from + cols]);
-            }
-        }
-    }
+    move_rope_rows(values, heads, cols, true);
 }
 
 /// The inverse of [`unpermute_rope_rows`]: Hugging Face rows to llama.cpp's order (for export).
 pub fn permute_rope_rows(values: &mut [f32], heads: usize, cols: usize) {
+    move_rope_rows(values, heads, cols, false);
+}
+
+fn move_rope_rows(values: &mut [f32], heads: usize, cols: usize, to_hf: bool) {
     let rows = values.len() / cols;
     let head_dim = rows / heads;
     let half = head_dim / 2;
@@ -179,7 +160,8 @@ pub fn permute_rope_rows(values: &mut [f32], heads: usize, cols: usize) {
             for i in 0..2 {
                 let hf = (h * head_dim + i * half + j) * cols;
                 let gguf = (h * head_dim + 2 * j + i) * cols;
-                values[gguf..gguf + cols].copy_from_slice(&src[hf..hf + cols]);
+                let (from, to) = if to_hf { (gguf, hf) } else { (hf, gguf) };
+                values[to..to + cols].copy_from_slice(&src[from..from + cols]);
             }
         }
     }
