@@ -3,8 +3,12 @@
 
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
-use fedtune_shared::model::Llama;
+use fedtune_shared::eval::batch_loss;
+use fedtune_shared::model::{Llama, TokenBatch};
+use fedtune_shared::noise::{NoiseDistribution, SeedNoise};
+use fedtune_shared::zo::step::{ZoStepConfig, zo_step};
 
 /// Timings of one benchmark, in seconds.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -34,13 +38,17 @@ impl Timings {
     }
 }
 
+/// Deterministic, varied token ids of a benchmark sequence: the cost does not depend on which
+/// tokens they are.
+fn bench_ids(seq_len: usize, vocab: usize) -> Vec<i64> {
+    (0..seq_len as i64).map(|i| (i * 7919 + 13) % vocab as i64).collect()
+}
+
 /// Times one full forward pass (all positions' logits) of batch 1 at `seq_len` tokens.
 pub fn forward(model: &Llama, seq_len: usize, warmup: usize, runs: usize) -> Timings {
     let runs = runs.max(1);
     let device = model.device();
-    let vocab = model.vocab_size() as i64;
-    // Deterministic, varied token ids: the cost does not depend on which tokens they are.
-    let ids: Vec<i64> = (0..seq_len as i64).map(|i| (i * 7919 + 13) % vocab).collect();
+    let ids = bench_ids(seq_len, model.vocab_size());
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, seq_len]), &device);
     let mut samples = Vec::with_capacity(runs);
     for i in 0..warmup + runs {
@@ -53,4 +61,64 @@ pub fn forward(model: &Llama, seq_len: usize, warmup: usize, runs: usize) -> Tim
         }
     }
     Timings::from_samples(samples)
+}
+
+/// Timings of one zeroth-order step.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ZoTimings {
+    /// Median of whole steps (three noise passes, two forward passes).
+    pub median_s: f64,
+    /// Median of the step's noise passes (`median_s - forward_s`).
+    pub noise_s: f64,
+    /// Median of the step's two loss evaluations.
+    pub forward_s: f64,
+    /// Noise values generated per second on every core, as one pass over the model's size.
+    pub noise_values_per_s: f64,
+}
+
+/// Times one ZO step (batch 1, `seq_len` tokens) on `model`.
+pub fn zo(model: Llama, seq_len: usize, warmup: usize, runs: usize) -> ZoTimings {
+    let runs = runs.max(1);
+    let device = model.device();
+    let ids: Vec<u32> = bench_ids(seq_len, model.vocab_size()).iter().map(|&t| t as u32).collect();
+    let batch = TokenBatch::right_padded(&[ids], 0, &device);
+    let params = model.num_params();
+
+    let mut forwards = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let start = Instant::now();
+        let _ = batch_loss(&model, &batch);
+        let _ = batch_loss(&model, &batch);
+        if i >= warmup {
+            forwards.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut steps = Vec::with_capacity(runs);
+    let mut model = model;
+    for i in 0..warmup + runs {
+        let noise = SeedNoise::new(i as u64, NoiseDistribution::Binomial16);
+        let start = Instant::now();
+        let (next, _) = zo_step(model, noise, ZoStepConfig::default(), |m| batch_loss(m, &batch));
+        model = next;
+        if i >= warmup {
+            steps.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let mut buffer = vec![0.0f32; params];
+    let mut fills = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let start = Instant::now();
+        SeedNoise::new(i as u64, NoiseDistribution::Binomial16).fill_parallel(0, 0, &mut buffer);
+        if i >= warmup {
+            fills.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let step = Timings::from_samples(steps).median_s;
+    let forward = Timings::from_samples(forwards).median_s;
+    ZoTimings {
+        median_s: step,
+        noise_s: (step - forward).max(0.0),
+        forward_s: forward,
+        noise_values_per_s: params as f64 / Timings::from_samples(fills).median_s,
+    }
 }

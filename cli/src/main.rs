@@ -109,7 +109,30 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One zeroth-order (MeZO/FedKSeed) step, batch 1, split into noise and forward passes.
+    Zo {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Tokens in the sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Measured runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Unmeasured warm-up runs.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Print JSON: {"median_s": X, "noise_s": Y, "forward_s": Z, "noise_values_per_s": W}.
+        #[arg(long)]
+        json: bool,
+    },
 }
+
+/// The values `--backend` accepts.
+#[cfg(not(feature = "ndarray-comparison"))]
+const BACKENDS: [&str; 2] = ["cpu", "wgpu"];
+#[cfg(feature = "ndarray-comparison")]
+const BACKENDS: [&str; 3] = ["cpu", "wgpu", "ndarray"];
 
 #[derive(Debug, Args)]
 struct ModelArgs {
@@ -117,7 +140,7 @@ struct ModelArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Where the model runs.
-    #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(["cpu", "wgpu"]))]
+    #[arg(long, default_value = "cpu", value_parser = clap::builder::PossibleValuesParser::new(BACKENDS))]
     backend: String,
 }
 
@@ -277,6 +300,29 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "| forward | {} | {seq_len} | {} | {:.4} | {:.4} | {tokens_per_s:.1} | {gflops:.1} |",
                         model.backend, t.runs, t.median_s, t.min_s
+                    );
+                }
+            }
+            BenchCommand::Zo {
+                model,
+                seq_len,
+                runs,
+                warmup,
+                json,
+            } => {
+                if seq_len < 2 {
+                    bail!("--seq-len must be at least 2");
+                }
+                let pretrained = model.load(json)?;
+                let t = bench::zo(pretrained.model, seq_len, warmup, runs);
+                if json {
+                    println!("{}", serde_json::to_string(&t)?);
+                } else {
+                    println!("| benchmark | backend | seq_len | runs | step median (s) | noise (s) | forwards (s) | noise values/s |");
+                    println!("|---|---|---|---|---|---|---|---|");
+                    println!(
+                        "| zo step | {} | {seq_len} | {runs} | {:.4} | {:.4} | {:.4} | {:.3e} |",
+                        model.backend, t.median_s, t.noise_s, t.forward_s, t.noise_values_per_s
                     );
                 }
             }

@@ -15,6 +15,9 @@ pub enum BackendKind {
     Cpu,
     /// burn-wgpu: Vulkan, Metal or DX12, whichever the machine offers.
     Wgpu,
+    /// The deprecated burn-ndarray CPU backend, built only to be measured against burn-flex.
+    #[cfg(feature = "ndarray-comparison")]
+    NdArray,
 }
 
 /// The requested backend could not be started.
@@ -37,6 +40,9 @@ impl BackendKind {
                 backend: self,
                 reason: e.to_string(),
             }),
+            #[cfg(feature = "ndarray-comparison")]
+            #[allow(deprecated)] // measuring the deprecated backend is the point
+            Self::NdArray => Ok(Device::ndarray()),
         }
     }
 }
@@ -46,6 +52,8 @@ impl fmt::Display for BackendKind {
         f.write_str(match self {
             Self::Cpu => "cpu",
             Self::Wgpu => "wgpu",
+            #[cfg(feature = "ndarray-comparison")]
+            Self::NdArray => "ndarray",
         })
     }
 }
@@ -57,6 +65,8 @@ impl FromStr for BackendKind {
         match s {
             "cpu" => Ok(Self::Cpu),
             "wgpu" => Ok(Self::Wgpu),
+            #[cfg(feature = "ndarray-comparison")]
+            "ndarray" => Ok(Self::NdArray),
             other => Err(format!("unknown backend `{other}` (cpu or wgpu)")),
         }
     }

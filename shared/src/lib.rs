@@ -11,5 +11,7 @@ pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod model;
+pub mod noise;
 pub mod pretrained;
 pub mod tokenizer;
+pub mod zo;

@@ -40,3 +40,13 @@ pub fn mean_next_token_nll(model: &Llama, ids: &[u32]) -> Option<f64> {
     let nlls = token_nlls(model, &batch).pop()?;
     Some(nlls.iter().map(|&v| v as f64).sum::<f64>() / nlls.len() as f64)
 }
+
+/// Mean next-token NLL over every real (unpadded) target position of a batch: the training loss.
+///
+/// Returns `NaN` when the batch has no target position.
+pub fn batch_loss(model: &Llama, batch: &TokenBatch) -> f32 {
+    let nlls = token_nlls(model, batch);
+    let count: usize = nlls.iter().map(Vec::len).sum();
+    let total: f64 = nlls.iter().flatten().map(|&v| v as f64).sum();
+    (total / count as f64) as f32
+}

@@ -1,0 +1,212 @@
+//! `z(seed, tensor, offset)`: the noise value for element `offset` of parameter tensor `tensor`
+//! under `seed`, defined bit-exactly so that a phone, a server and a GPU all produce the same
+//! float bits.
+//!
+//! # Definition
+//!
+//! 1. A ChaCha8 keystream (`rand_chacha::ChaCha8Rng`) keyed with the 32-byte key
+//!    `seed.to_le_bytes() ‖ [0; 24]`, stream (nonce) = `tensor`. Its 32-bit words `w_0, w_1, …`
+//!    are addressable directly (block counter and word position), so any chunk of any tensor
+//!    is generated independently, in parallel and in any order.
+//! 2. Each word yields values by integer arithmetic only, never through `exp`/`log`/`sqrt`,
+//!    whose last bit differs between libm versions and GPU drivers:
+//!    - [`NoiseDistribution::Binomial16`] (default): two values per word, the low half first:
+//!      `z = (popcount(half) - 8) * 0.5`, a centred binomial `B(16, 1/2)` scaled to mean 0 and
+//!      variance exactly 1 (`16 · 1/4 · 0.5² = 1`). The product is exact in `f32`, so no
+//!      rounding happens anywhere. Its 17 levels approximate a standard normal closely enough
+//!      for zeroth-order estimates, whose variance only needs `E[z zᵀ] = I`.
+//!    - [`NoiseDistribution::Rademacher`]: 32 values per word, bit `i` (least significant first)
+//!      gives `+1` when set, `-1` when clear.
+//!
+//! So element `offset` reads word `offset / values_per_word` and its part `offset %
+//! values_per_word`.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Values generated per parallel task: large enough to amortise seeking the keystream, small
+/// enough to balance work across cores.
+const PARALLEL_CHUNK: usize = 1 << 16;
+
+/// How keystream words become noise values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseDistribution {
+    /// `(popcount(16 bits) - 8) / 2`: mean 0, variance 1, 17 levels.
+    #[default]
+    Binomial16,
+    /// `±1` with equal probability.
+    Rademacher,
+}
+
+impl NoiseDistribution {
+    /// Values drawn from one 32-bit keystream word.
+    pub const fn values_per_word(self) -> usize {
+        match self {
+            Self::Binomial16 => 2,
+            Self::Rademacher => 32,
+        }
+    }
+
+    /// Writes the values of `word`, skipping the first `skip`, into `out` (at most
+    /// `values_per_word - skip`); returns how many were written.
+    #[inline(always)]
+    fn expand(self, word: u32, skip: usize, out: &mut [f32]) -> usize {
+        match self {
+            Self::Binomial16 => {
+                let halves = [word & 0xFFFF, word >> 16];
+                let n = (2 - skip).min(out.len());
+                for (slot, half) in out[..n].iter_mut().zip(&halves[skip..]) {
+                    *slot = (half.count_ones() as i32 - 8) as f32 * 0.5;
+                }
+                n
+            }
+            Self::Rademacher => {
+                let n = (32 - skip).min(out.len());
+                for (i, slot) in out[..n].iter_mut().enumerate() {
+                    *slot = if (word >> (skip + i)) & 1 == 1 { 1.0 } else { -1.0 };
+                }
+                n
+            }
+        }
+    }
+}
+
+/// The noise generator of one seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedNoise {
+    seed: u64,
+    distribution: NoiseDistribution,
+}
+
+impl SeedNoise {
+    /// The generator for `seed`.
+    pub fn new(seed: u64, distribution: NoiseDistribution) -> Self {
+        Self { seed, distribution }
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The distribution.
+    pub fn distribution(&self) -> NoiseDistribution {
+        self.distribution
+    }
+
+    /// The keystream of `tensor`, positioned at the word holding element `offset`.
+    fn keystream(&self, tensor: u64, offset: u64) -> ChaCha8Rng {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&self.seed.to_le_bytes());
+        let mut rng = ChaCha8Rng::from_seed(key);
+        rng.set_stream(tensor);
+        rng.set_word_pos(u128::from(offset / self.distribution.values_per_word() as u64));
+        rng
+    }
+
+    /// Writes `z(seed, tensor, offset + i)` into `out[i]`, on the calling thread.
+    pub fn fill(&self, tensor: u64, offset: u64, out: &mut [f32]) {
+        let per_word = self.distribution.values_per_word();
+        let mut rng = self.keystream(tensor, offset);
+        let mut skip = (offset % per_word as u64) as usize;
+        let mut words = [0u32; 256];
+        let mut done = 0;
+        while done < out.len() {
+            let needed = (out.len() - done + skip).div_ceil(per_word).min(words.len());
+            rng.fill(&mut words[..needed]);
+            for &word in &words[..needed] {
+                done += self.distribution.expand(word, skip, &mut out[done..]);
+                skip = 0;
+            }
+        }
+    }
+
+    /// [`fill`](Self::fill) split across every core. Bit-identical to it: each chunk seeks the
+    /// keystream to its own start.
+    pub fn fill_parallel(&self, tensor: u64, offset: u64, out: &mut [f32]) {
+        out.par_chunks_mut(PARALLEL_CHUNK).enumerate().for_each(|(i, chunk)| {
+            self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
+        });
+    }
+
+    /// `out[i] = scale * z(seed, tensor, offset + i)` on every core: one rounding (the multiply),
+    /// the same on every platform.
+    pub fn fill_scaled(&self, tensor: u64, offset: u64, scale: f32, out: &mut [f32]) {
+        out.par_chunks_mut(PARALLEL_CHUNK).enumerate().for_each(|(i, chunk)| {
+            self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
+            chunk.iter_mut().for_each(|v| *v *= scale);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn whole(noise: &SeedNoise, tensor: u64, n: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n];
+        noise.fill(tensor, 0, &mut out);
+        out
+    }
+
+    #[test]
+    fn chunks_in_any_split_and_order_equal_the_whole() {
+        for distribution in [NoiseDistribution::Binomial16, NoiseDistribution::Rademacher] {
+            let noise = SeedNoise::new(0xFED7_u64, distribution);
+            let reference = whole(&noise, 3, 10_007);
+            // Odd split points land inside keystream words and ChaCha blocks.
+            let cuts = [0usize, 1, 2, 31, 33, 64, 65, 1000, 4097, 9999, 10_007];
+            let mut pieces: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+            pieces.reverse();
+            let mut assembled = vec![f32::NAN; reference.len()];
+            for (start, end) in pieces {
+                noise.fill(3, start as u64, &mut assembled[start..end]);
+            }
+            assert_eq!(
+                assembled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                reference.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{distribution:?}"
+            );
+
+            let mut parallel = vec![0.0; 300_001];
+            noise.fill_parallel(3, 17, &mut parallel);
+            let mut serial = vec![0.0; 300_001];
+            noise.fill(3, 17, &mut serial);
+            assert_eq!(parallel, serial, "{distribution:?}: parallel equals serial");
+        }
+    }
+
+    #[test]
+    fn values_follow_the_definition() {
+        // The first keystream word of (seed 7, tensor 2), computed with rand_chacha directly.
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&7u64.to_le_bytes());
+        let mut rng = ChaCha8Rng::from_seed(key);
+        rng.set_stream(2);
+        let word: u32 = rng.random();
+        let lo = ((word & 0xFFFF).count_ones() as f32 - 8.0) / 2.0;
+        let hi = ((word >> 16).count_ones() as f32 - 8.0) / 2.0;
+        let z = whole(&SeedNoise::new(7, NoiseDistribution::Binomial16), 2, 2);
+        assert_eq!(z, vec![lo, hi]);
+        let r = whole(&SeedNoise::new(7, NoiseDistribution::Rademacher), 2, 3);
+        let bit = |i: u32| if (word >> i) & 1 == 1 { 1.0 } else { -1.0 };
+        assert_eq!(r, vec![bit(0), bit(1), bit(2)]);
+    }
+
+    #[test]
+    fn mean_zero_variance_one_and_streams_differ() {
+        let noise = SeedNoise::new(1, NoiseDistribution::Binomial16);
+        let z = whole(&noise, 0, 1 << 20);
+        let n = z.len() as f64;
+        let mean = z.iter().map(|&v| v as f64).sum::<f64>() / n;
+        let var = z.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 0.005, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.01, "variance {var}");
+        assert_ne!(whole(&noise, 1, 64), whole(&noise, 0, 64), "tensors get their own streams");
+        let other = SeedNoise::new(2, NoiseDistribution::Binomial16);
+        assert_ne!(whole(&other, 0, 64), whole(&noise, 0, 64), "seeds differ");
+    }
+}
