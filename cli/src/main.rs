@@ -2,6 +2,7 @@
 //! libraries.
 
 mod bench;
+mod fedkseed;
 mod fetch;
 
 use std::io::Write;
@@ -76,6 +77,51 @@ enum Command {
     Bench {
         #[command(subcommand)]
         which: BenchCommand,
+    },
+    /// FedKSeed in process: one client per speaking role of a Shakespeare play (fetched on
+    /// first use), printing held-out loss and traffic per round.
+    Fedkseed {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The play (file stem in the corpus).
+        #[arg(long, default_value = "romeo_and_juliet")]
+        play: String,
+        /// Clients (the roles with the most speeches).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Clients sampled per round.
+        #[arg(long, default_value_t = 2)]
+        per_round: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// Local steps per round (τ).
+        #[arg(long, default_value_t = 10)]
+        tau: u32,
+        /// Candidate seeds (K).
+        #[arg(long, default_value_t = 4096)]
+        k: u32,
+        /// Learning rate.
+        #[arg(long, default_value_t = 3e-7)]
+        lr: f32,
+        /// Perturbation scale.
+        #[arg(long, default_value_t = 5e-4)]
+        eps: f32,
+        /// Sample seeds by FedKSeed-Pro importance.
+        #[arg(long)]
+        pro: bool,
+        /// Tokens per training sequence.
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        /// Seed of the run (seed pool, sampling).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Most held-out speeches evaluated each round.
+        #[arg(long, default_value_t = 24)]
+        heldout: usize,
+        /// One JSON object per round.
+        #[arg(long)]
+        json: bool,
     },
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models folder.
     FetchModel {
@@ -327,6 +373,45 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Fedkseed {
+            model,
+            play,
+            clients,
+            per_round,
+            rounds,
+            tau,
+            k,
+            lr,
+            eps,
+            pro,
+            seq_len,
+            seed,
+            heldout,
+            json,
+        } => {
+            let texts = fetch::ensure_shakespeare(&fetch::data_dir())?;
+            let pretrained = model.load(json)?;
+            let settings = fedkseed::Settings {
+                play,
+                clients,
+                per_round,
+                run: fedtune_shared::zo::round::ZoRunConfig {
+                    run_seed: seed,
+                    k,
+                    eps,
+                    lr,
+                    tau,
+                    pro,
+                    ..Default::default()
+                },
+                rounds,
+                seq_len,
+                seed,
+                heldout,
+                json,
+            };
+            fedkseed::run(pretrained, &texts, &settings)?;
+        }
         Command::FetchModel { dir } => {
             let path = fetch::ensure_default_model(&dir.unwrap_or_else(fetch::models_dir))?;
             println!("{}", path.display());

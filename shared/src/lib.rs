@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod eval;
 pub mod generate;

@@ -69,6 +69,30 @@ fn q4_0_and_q4_1_dequantise_nibbles_low_half_first() {
     assert_eq!(roundtrip_raw(&[32], 3, q4_1).unwrap().1, expected);
 }
 
+#[test]
+fn q5_0_and_q5_1_add_the_fifth_bit_from_qh() {
+    // Element k's fifth bit is bit k of the 32-bit `qh`; its low four bits are packed as in Q4.
+    let nibble = |k: usize| ((k * 7 + 1) % 16) as u8;
+    let qh: u32 = 0b1011_0010_0110_1100_1001_0111_0001_1010;
+    let q = |k: usize| nibble(k) as i32 | (((qh >> k) & 1) as i32) << 4;
+    let packed: Vec<u8> = (0..16).map(|j| nibble(j) | (nibble(j + 16) << 4)).collect();
+
+    let d = 0.125f32;
+    let mut q5_0 = f16::from_f32(d).to_le_bytes().to_vec();
+    q5_0.extend_from_slice(&qh.to_le_bytes());
+    q5_0.extend_from_slice(&packed);
+    let expected: Vec<f32> = (0..32).map(|k| (q(k) - 16) as f32 * d).collect();
+    assert_eq!(roundtrip_raw(&[32], 6, q5_0).unwrap().1, expected);
+
+    let (d, m) = (0.25f32, 1.5f32);
+    let mut q5_1 = f16::from_f32(d).to_le_bytes().to_vec();
+    q5_1.extend_from_slice(&f16::from_f32(m).to_le_bytes());
+    q5_1.extend_from_slice(&qh.to_le_bytes());
+    q5_1.extend_from_slice(&packed);
+    let expected: Vec<f32> = (0..32).map(|k| q(k) as f32 * d + m).collect();
+    assert_eq!(roundtrip_raw(&[32], 7, q5_1).unwrap().1, expected);
+}
+
 fn tiny_gguf_bytes() -> Vec<u8> {
     let mut w = GgufWriter::new();
     w.metadata("general.name", MetadataValue::String("tiny".into()));
