@@ -10,8 +10,12 @@ use fedtune_shared::tokenizer::ChatMessage;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let model = args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let question = args.next().unwrap_or_else(|| "What is federated learning?".into());
+    let model = args
+        .next()
+        .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let question = args
+        .next()
+        .unwrap_or_else(|| "What is federated learning?".into());
 
     let pretrained = Pretrained::open(&model, &Device::flex(), |_, _| {})?;
     let message = ChatMessage {

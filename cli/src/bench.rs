@@ -41,7 +41,9 @@ impl Timings {
 /// Deterministic, varied token ids of a benchmark sequence: the cost does not depend on which
 /// tokens they are.
 fn bench_ids(seq_len: usize, vocab: usize) -> Vec<i64> {
-    (0..seq_len as i64).map(|i| (i * 7919 + 13) % vocab as i64).collect()
+    (0..seq_len as i64)
+        .map(|i| (i * 7919 + 13) % vocab as i64)
+        .collect()
 }
 
 /// Times one full forward pass (all positions' logits) of batch 1 at `seq_len` tokens.
@@ -80,7 +82,10 @@ pub struct ZoTimings {
 pub fn zo(model: Llama, seq_len: usize, warmup: usize, runs: usize) -> ZoTimings {
     let runs = runs.max(1);
     let device = model.device();
-    let ids: Vec<u32> = bench_ids(seq_len, model.vocab_size()).iter().map(|&t| t as u32).collect();
+    let ids: Vec<u32> = bench_ids(seq_len, model.vocab_size())
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
     let batch = TokenBatch::right_padded(&[ids], 0, &device);
     let params = model.num_params();
 
@@ -98,7 +103,9 @@ pub fn zo(model: Llama, seq_len: usize, warmup: usize, runs: usize) -> ZoTimings
     for i in 0..warmup + runs {
         let noise = SeedNoise::new(i as u64, NoiseDistribution::Binomial16);
         let start = Instant::now();
-        let (next, _) = zo_step(model, noise, ZoStepConfig::default(), |m| batch_loss(m, &batch));
+        let (next, _) = zo_step(model, noise, ZoStepConfig::default(), |m| {
+            batch_loss(m, &batch)
+        });
         model = next;
         if i >= warmup {
             steps.push(start.elapsed().as_secs_f64());

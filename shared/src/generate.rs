@@ -76,10 +76,17 @@ pub fn generate(
         // Only the last position predicts the next token: skip the head for the others.
         let logits = model.logits(hidden.narrow(1, seq - 1, 1));
         let next = if config.temperature <= 0.0 {
-            let id: Vec<i64> = logits.argmax(2).into_data().try_into_vec_as().expect("argmax yields integers");
+            let id: Vec<i64> = logits
+                .argmax(2)
+                .into_data()
+                .try_into_vec_as()
+                .expect("argmax yields integers");
             id.first().copied().unwrap_or(0) as u32
         } else {
-            let row: Vec<f32> = logits.into_data().try_into_vec_as().expect("logits are float32");
+            let row: Vec<f32> = logits
+                .into_data()
+                .try_into_vec_as()
+                .expect("logits are float32");
             sample(&row, config.temperature, config.top_p, &mut rng)
         };
         new_ids.push(next);
@@ -142,8 +149,9 @@ mod tests {
             assert_eq!(sample(&logits, 1.0, 0.5, &mut rng), 2);
         }
         // With top_p = 1 and a high temperature, other tokens appear.
-        let drawn: std::collections::HashSet<u32> =
-            (0..200).map(|_| sample(&logits, 100.0, 1.0, &mut rng)).collect();
+        let drawn: std::collections::HashSet<u32> = (0..200)
+            .map(|_| sample(&logits, 100.0, 1.0, &mut rng))
+            .collect();
         assert!(drawn.len() > 1);
     }
 }

@@ -39,7 +39,11 @@ pub struct Pretrained {
 impl Pretrained {
     /// Opens a `.gguf` file or a Hugging Face folder and loads the weights onto `device`,
     /// reporting `progress(done, total)` per tensor.
-    pub fn open(path: impl AsRef<Path>, device: &Device, progress: impl FnMut(usize, usize)) -> Result<Self, PretrainedError> {
+    pub fn open(
+        path: impl AsRef<Path>,
+        device: &Device,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Self, PretrainedError> {
         let path = path.as_ref();
         if path.is_dir() {
             let folder = HfFolder::open(path)?;
@@ -58,7 +62,9 @@ impl Pretrained {
     pub fn open_tokenizer(path: impl AsRef<Path>) -> Result<Tokenizer, PretrainedError> {
         let path = path.as_ref();
         if path.is_dir() {
-            Ok(Tokenizer::from_tokenizer_json(&path.join("tokenizer.json"))?)
+            Ok(Tokenizer::from_tokenizer_json(
+                &path.join("tokenizer.json"),
+            )?)
         } else {
             let file = crate::checkpoint::GgufFile::open(path)?;
             Ok(Tokenizer::from_gguf(file.metadata(), path)?)

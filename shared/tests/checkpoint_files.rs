@@ -4,17 +4,24 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedtune_shared::checkpoint::export::{write_gguf, write_hf_folder};
 use fedtune_shared::checkpoint::{
-    CheckpointError, GgmlType, GgufFile, GgufMetadata, GgufSource, GgufWriter, HfFolder, LayerTensor,
-    LlamaTensor, MemorySource, MetadataValue,
+    CheckpointError, GgmlType, GgufFile, GgufMetadata, GgufSource, GgufWriter, HfFolder,
+    LayerTensor, LlamaTensor, MemorySource, MetadataValue,
 };
 use fedtune_shared::model::{Llama, LlamaConfig};
 use half::{bf16, f16};
 
 /// Writes one tensor of raw bytes to a GGUF file and reads it back as f32.
-fn roundtrip_raw(shape: &[usize], type_id: u32, bytes: Vec<u8>) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
+fn roundtrip_raw(
+    shape: &[usize],
+    type_id: u32,
+    bytes: Vec<u8>,
+) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.gguf");
-    GgufWriter::new().raw_tensor("t", shape, type_id, bytes).write(&path).unwrap();
+    GgufWriter::new()
+        .raw_tensor("t", shape, type_id, bytes)
+        .write(&path)
+        .unwrap();
     GgufFile::open(&path)?.tensor_f32("t")
 }
 
@@ -25,13 +32,25 @@ fn roundtrip_raw(shape: &[usize], type_id: u32, bytes: Vec<u8>) -> Result<(Vec<u
 fn plain_float_types_dequantise_exactly() {
     let values: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.125).collect();
     let f32_bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    assert_eq!(roundtrip_raw(&[2, 32], 0, f32_bytes).unwrap(), (vec![2, 32], values.clone()));
+    assert_eq!(
+        roundtrip_raw(&[2, 32], 0, f32_bytes).unwrap(),
+        (vec![2, 32], values.clone())
+    );
 
     // Multiples of 1/8 in this range are exact in f16 and bf16.
-    let f16_bytes = values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect();
+    let f16_bytes = values
+        .iter()
+        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+        .collect();
     assert_eq!(roundtrip_raw(&[64], 1, f16_bytes).unwrap().1, values);
-    let bf16_bytes = values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect();
-    assert_eq!(roundtrip_raw(&[4, 16], 30, bf16_bytes).unwrap(), (vec![4, 16], values));
+    let bf16_bytes = values
+        .iter()
+        .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+        .collect();
+    assert_eq!(
+        roundtrip_raw(&[4, 16], 30, bf16_bytes).unwrap(),
+        (vec![4, 16], values)
+    );
 }
 
 #[test]
@@ -113,8 +132,14 @@ fn truncated_file_names_file_and_tensor() {
     let bytes = tiny_gguf_bytes();
     let err = open_bytes(&bytes[..bytes.len() - 10]).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, CheckpointError::BadTensor { ref tensor, .. } if tensor == "b"), "{msg}");
-    assert!(msg.contains("bad.gguf") && msg.contains("truncated"), "{msg}");
+    assert!(
+        matches!(err, CheckpointError::BadTensor { ref tensor, .. } if tensor == "b"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("bad.gguf") && msg.contains("truncated"),
+        "{msg}"
+    );
 
     // Cut inside the header: still an error, never a panic.
     for len in [0, 3, 10, 30, 60] {
@@ -137,9 +162,15 @@ fn unknown_tensor_type_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k.gguf");
     // Type 12 is Q4_K, which fedtune does not read.
-    GgufWriter::new().raw_tensor("blk.0.attn_q.weight", &[256], 12, vec![0; 144]).write(&path).unwrap();
+    GgufWriter::new()
+        .raw_tensor("blk.0.attn_q.weight", &[256], 12, vec![0; 144])
+        .write(&path)
+        .unwrap();
     let err = GgufFile::open(&path).unwrap_err().to_string();
-    assert!(err.contains("k.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("type 12"), "{err}");
+    assert!(
+        err.contains("k.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("type 12"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -162,12 +193,19 @@ fn forged_lengths_are_rejected_without_allocating() {
 fn logits(model: &Llama, ids: &[i64]) -> Vec<f32> {
     let device = model.device();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), &device);
-    model.forward(ids, None).into_data().try_into_vec_as().unwrap()
+    model
+        .forward(ids, None)
+        .into_data()
+        .try_into_vec_as()
+        .unwrap()
 }
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     let max_ref = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / max_ref
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / max_ref
 }
 
 const IDS: [i64; 7] = [1, 5, 9, 3, 60, 2, 17];
@@ -184,11 +222,17 @@ fn gguf_export_reloads_to_the_same_model() {
     let gguf = GgufSource::open(&path).unwrap();
     assert_eq!(gguf_config(&gguf), LlamaConfig::tiny());
     let reloaded = logits(&Llama::load(&gguf, &device, |_, _| {}).unwrap(), &IDS);
-    assert_eq!(reloaded, reference, "F32 GGUF (with llama.cpp's q/k permutation) is lossless");
+    assert_eq!(
+        reloaded, reference,
+        "F32 GGUF (with llama.cpp's q/k permutation) is lossless"
+    );
 
     // Quantised weights move the logits a little, not a lot.
     write_gguf(&source, GgmlType::Q8_0, &GgufMetadata::default(), &path).unwrap();
-    let q8 = logits(&Llama::load(&GgufSource::open(&path).unwrap(), &device, |_, _| {}).unwrap(), &IDS);
+    let q8 = logits(
+        &Llama::load(&GgufSource::open(&path).unwrap(), &device, |_, _| {}).unwrap(),
+        &IDS,
+    );
     let diff = max_rel_diff(&q8, &reference);
     assert!(diff > 0.0 && diff < 0.05, "Q8_0 relative difference {diff}");
 }
@@ -210,13 +254,28 @@ fn shape_disagreeing_with_config_names_the_tensor() {
     extra.insert("llama.attention.head_count_kv", MetadataValue::U32(4));
     write_gguf(&source, GgmlType::F32, &extra, &path).unwrap_or_else(|e| panic!("{e}"));
     let gguf = GgufSource::open(&path).unwrap();
-    let err = Llama::load(&gguf, &Device::flex(), |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("bad_shape.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("disagrees"), "{err}");
+    let err = Llama::load(&gguf, &Device::flex(), |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad_shape.gguf")
+            && err.contains("blk.0.attn_q.weight")
+            && err.contains("disagrees"),
+        "{err}"
+    );
 
     // A non-finite weight is refused too.
-    source.insert(LlamaTensor::Layer(1, LayerTensor::Up), vec![f32::NAN; 48 * 32]);
-    let err = Llama::load(&source, &Device::flex(), |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("not finite"), "{err}");
+    source.insert(
+        LlamaTensor::Layer(1, LayerTensor::Up),
+        vec![f32::NAN; 48 * 32],
+    );
+    let err = Llama::load(&source, &Device::flex(), |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("not finite"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -26,12 +26,19 @@ fn weight_bits(model: &Llama) -> Vec<u32> {
 }
 
 fn tiny_model(seed: u64) -> Llama {
-    Llama::load(&MemorySource::random(LlamaConfig::tiny(), seed), &Device::flex(), |_, _| {}).unwrap()
+    Llama::load(
+        &MemorySource::random(LlamaConfig::tiny(), seed),
+        &Device::flex(),
+        |_, _| {},
+    )
+    .unwrap()
 }
 
 /// Counting sequences `s, s+1, s+2, …` (mod 64): a pattern a tiny model can learn.
 fn counting(starts: impl Iterator<Item = u32>, len: u32) -> Vec<Vec<u32>> {
-    starts.map(|s| (0..len).map(|i| (s + i) % 64).collect()).collect()
+    starts
+        .map(|s| (0..len).map(|i| (s + i) % 64).collect())
+        .collect()
 }
 
 #[test]
@@ -72,14 +79,22 @@ fn replay_gives_every_client_the_servers_weights_bit_for_bit() {
     }
 
     let expected = weight_bits(&server_model);
-    assert_ne!(expected, weight_bits(&tiny_model(5)), "training changed the model");
+    assert_ne!(
+        expected,
+        weight_bits(&tiny_model(5)),
+        "training changed the model"
+    );
     for (c, model) in models.into_iter().enumerate() {
         let plan = server.plan(last_seen[c]);
         let mut model = model;
         for delta in &plan.catch_up {
             model = replay(model, &plan.config, &pool, delta);
         }
-        assert_eq!(weight_bits(&model), expected, "client {c} after catching up");
+        assert_eq!(
+            weight_bits(&model),
+            expected,
+            "client {c} after catching up"
+        );
     }
 }
 
@@ -92,7 +107,9 @@ const BATCH: usize = 4;
 const MARGIN: f32 = 0.15;
 
 fn federate(pro: bool) -> (f32, f32, Vec<(usize, usize)>) {
-    let clients: Vec<Vec<Vec<u32>>> = (0..6).map(|c| counting((c * 10)..(c * 10 + 8), 12)).collect();
+    let clients: Vec<Vec<Vec<u32>>> = (0..6)
+        .map(|c| counting((c * 10)..(c * 10 + 8), 12))
+        .collect();
     // Starts no client trains on: the model must learn counting, not memorise sequences.
     let heldout = counting((0..64).filter(|s| s % 10 >= 8 || *s >= 60), 12);
     let global = tiny_model(21);
@@ -125,7 +142,10 @@ fn twenty_rounds_of_fedkseed_lower_the_heldout_loss() {
     let (before, after, traffic) = federate(false);
     eprintln!("FedKSeed held-out loss {before:.4} -> {after:.4}");
     assert!(after < before - MARGIN, "held-out loss {before} -> {after}");
-    assert!(traffic.iter().all(|&(_, report)| report < 1024), "{traffic:?}");
+    assert!(
+        traffic.iter().all(|&(_, report)| report < 1024),
+        "{traffic:?}"
+    );
 }
 
 #[test]

@@ -27,7 +27,10 @@ fn setup() -> Option<(Value, Pretrained)> {
         return None;
     }
     if !model.is_file() {
-        eprintln!("SKIPPED: model absent at {} (run `fedtune fetch-model`)", model.display());
+        eprintln!(
+            "SKIPPED: model absent at {} (run `fedtune fetch-model`)",
+            model.display()
+        );
         return None;
     }
     let json = serde_json::from_str(&std::fs::read_to_string(reference).unwrap()).unwrap();
@@ -36,22 +39,35 @@ fn setup() -> Option<(Value, Pretrained)> {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
 fn forward_matches_transformers() {
-    let Some((reference, pretrained)) = setup() else { return };
+    let Some((reference, pretrained)) = setup() else {
+        return;
+    };
     let model = &pretrained.model;
     assert_eq!(pretrained.config.num_params(), 134_515_008);
     for entry in reference["forward"].as_array().unwrap() {
         let prompt = entry["prompt"].as_str().unwrap();
         let ids = ids_of(&entry["ids"]);
-        assert_eq!(pretrained.tokenizer.encode(prompt).unwrap(), ids, "tokens of {prompt:?}");
+        assert_eq!(
+            pretrained.tokenizer.encode(prompt).unwrap(),
+            ids,
+            "tokens of {prompt:?}"
+        );
 
         let nll = mean_next_token_nll(model, &ids).unwrap();
         let expected = entry["mean_next_token_nll"].as_f64().unwrap();
-        assert!((nll - expected).abs() < 2e-3, "{prompt:?}: NLL {nll} vs {expected}");
+        assert!(
+            (nll - expected).abs() < 2e-3,
+            "{prompt:?}: NLL {nll} vs {expected}"
+        );
 
         let device = model.device();
         let input = ids.iter().map(|&t| t as i64).collect::<Vec<_>>();
@@ -70,20 +86,33 @@ fn forward_matches_transformers() {
             .collect();
         assert_eq!(last.len(), want.len());
         let max_ref = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let max_diff = last.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let max_diff = last
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         let rel = max_diff / max_ref;
         eprintln!("{prompt:?}: NLL {nll:.6} (ref {expected:.6}), logits max rel diff {rel:.2e}");
-        assert!(rel < 1e-3, "{prompt:?}: last logits differ by {rel} relative");
+        assert!(
+            rel < 1e-3,
+            "{prompt:?}: last logits differ by {rel} relative"
+        );
 
         let top = entry["last_logits_top10"][0][0].as_u64().unwrap() as usize;
-        let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        let argmax = last
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
         assert_eq!(argmax, top, "{prompt:?}: most likely next token");
     }
 }
 
 #[test]
 fn greedy_generation_matches_transformers() {
-    let Some((reference, pretrained)) = setup() else { return };
+    let Some((reference, pretrained)) = setup() else {
+        return;
+    };
     let entry = &reference["generate"][0];
     let prompt = ids_of(&entry["prompt_ids"]);
     let expected = ids_of(&entry["greedy_new_ids"]);

@@ -25,7 +25,10 @@ fn wgpu_device() -> Option<Device> {
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let max_ref = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / max_ref
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+        / max_ref
 }
 
 #[test]
@@ -40,8 +43,13 @@ fn cpu_and_wgpu_give_the_same_logits() {
 
     let ids: Vec<i64> = (0..12).map(|i| (i * 13 + 5) % 64).collect();
     let run = |model: &Llama, device: &Device| -> Vec<f32> {
-        let input = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
-        model.forward(input, None).into_data().try_into_vec_as().unwrap()
+        let input =
+            Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [1, ids.len()]), device);
+        model
+            .forward(input, None)
+            .into_data()
+            .try_into_vec_as()
+            .unwrap()
     };
     let diff = max_rel_diff(&run(&on_gpu, &gpu), &run(&on_cpu, &cpu));
     eprintln!("cpu vs wgpu: max relative logit difference {diff:.2e}");
@@ -57,5 +65,8 @@ fn cpu_and_wgpu_give_the_same_logits() {
             .unwrap()
     };
     let diff = max_rel_diff(&padded(&on_gpu, &gpu), &padded(&on_cpu, &cpu));
-    assert!(diff < 1e-4, "padded batch: cpu and wgpu differ by {diff} relative");
+    assert!(
+        diff < 1e-4,
+        "padded batch: cpu and wgpu differ by {diff} relative"
+    );
 }

@@ -7,29 +7,44 @@ use std::path::Path;
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
 
+use super::CheckpointError;
 use super::ggml_type::GgmlType;
 use super::gguf::{GgufMetadata, GgufWriter, MetadataValue};
 use super::llama_names::{LlamaTensor, permute_rope_rows};
 use super::source::WeightSource;
-use super::CheckpointError;
 use crate::model::LlamaConfig;
 
 /// The `llama.*` metadata that describes `config`.
 pub fn llama_gguf_metadata(config: &LlamaConfig) -> GgufMetadata {
     let mut meta = GgufMetadata::default();
     let u32_of = |v: usize| MetadataValue::U32(v as u32);
-    meta.insert("general.architecture", MetadataValue::String("llama".into()));
+    meta.insert(
+        "general.architecture",
+        MetadataValue::String("llama".into()),
+    );
     meta.insert("llama.vocab_size", u32_of(config.vocab_size));
     meta.insert("llama.embedding_length", u32_of(config.hidden_size));
-    meta.insert("llama.feed_forward_length", u32_of(config.intermediate_size));
+    meta.insert(
+        "llama.feed_forward_length",
+        u32_of(config.intermediate_size),
+    );
     meta.insert("llama.block_count", u32_of(config.num_layers));
     meta.insert("llama.attention.head_count", u32_of(config.num_heads));
     meta.insert("llama.attention.head_count_kv", u32_of(config.num_kv_heads));
     meta.insert("llama.attention.key_length", u32_of(config.head_dim));
     meta.insert("llama.rope.dimension_count", u32_of(config.head_dim));
-    meta.insert("llama.attention.layer_norm_rms_epsilon", MetadataValue::F32(config.rms_norm_eps as f32));
-    meta.insert("llama.rope.freq_base", MetadataValue::F32(config.rope_theta as f32));
-    meta.insert("llama.context_length", u32_of(config.max_position_embeddings));
+    meta.insert(
+        "llama.attention.layer_norm_rms_epsilon",
+        MetadataValue::F32(config.rms_norm_eps as f32),
+    );
+    meta.insert(
+        "llama.rope.freq_base",
+        MetadataValue::F32(config.rope_theta as f32),
+    );
+    meta.insert(
+        "llama.context_length",
+        u32_of(config.max_position_embeddings),
+    );
     meta
 }
 
@@ -44,7 +59,11 @@ pub fn write_gguf(
 ) -> Result<(), CheckpointError> {
     let config = source.config();
     let mut writer = GgufWriter::new();
-    for (key, value) in llama_gguf_metadata(config).entries().iter().chain(extra.entries()) {
+    for (key, value) in llama_gguf_metadata(config)
+        .entries()
+        .iter()
+        .chain(extra.entries())
+    {
         writer.metadata(key.clone(), value.clone());
     }
     for name in LlamaTensor::all(config) {
@@ -53,12 +72,18 @@ pub fn write_gguf(
         if let Some(heads) = name.rope_permuted_heads(config) {
             permute_rope_rows(&mut values, heads, shape[1]);
         }
-        let ty = if shape.len() == 1 { GgmlType::F32 } else { matrix_type };
-        let bytes = ty.quantize(&values).ok_or_else(|| CheckpointError::BadTensor {
-            path: path.to_path_buf(),
-            tensor: name.gguf_name(),
-            reason: format!("cannot write {} values as {ty:?}", values.len()),
-        })?;
+        let ty = if shape.len() == 1 {
+            GgmlType::F32
+        } else {
+            matrix_type
+        };
+        let bytes = ty
+            .quantize(&values)
+            .ok_or_else(|| CheckpointError::BadTensor {
+                path: path.to_path_buf(),
+                tensor: name.gguf_name(),
+                reason: format!("cannot write {} values as {ty:?}", values.len()),
+            })?;
         writer.raw_tensor(&name.gguf_name(), &shape, ty.id(), bytes);
     }
     writer.write(path).map_err(|source| CheckpointError::Io {
@@ -92,7 +117,12 @@ pub fn write_hf_folder(source: &dyn WeightSource, dir: &Path) -> Result<(), Chec
     };
     let views = bytes
         .iter()
-        .map(|(name, (raw, shape))| Ok((name.as_str(), TensorView::new(Dtype::F32, shape.clone(), raw).map_err(bad)?)))
+        .map(|(name, (raw, shape))| {
+            Ok((
+                name.as_str(),
+                TensorView::new(Dtype::F32, shape.clone(), raw).map_err(bad)?,
+            ))
+        })
         .collect::<Result<Vec<_>, CheckpointError>>()?;
     let data = safetensors::tensor::serialize(views, None).map_err(bad)?;
     std::fs::write(&weights_path, data).map_err(io(&weights_path))

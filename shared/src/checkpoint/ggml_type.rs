@@ -114,7 +114,7 @@ impl GgmlType {
     /// Bytes needed for `elements` values, or `None` when that is not a whole number of blocks
     /// or overflows.
     pub fn bytes_for(self, elements: usize) -> Option<usize> {
-        if elements % self.block_elements() != 0 {
+        if !elements.is_multiple_of(self.block_elements()) {
             return None;
         }
         (elements / self.block_elements()).checked_mul(self.block_bytes())
@@ -123,7 +123,7 @@ impl GgmlType {
     /// Dequantises `bytes` holding `out.len()` elements of this type into `out`.
     pub fn dequantize(self, bytes: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
         let elements = out.len();
-        if elements % self.block_elements() != 0 {
+        if !elements.is_multiple_of(self.block_elements()) {
             return Err(DequantError::PartialBlock {
                 ty: self,
                 block: self.block_elements(),
@@ -204,12 +204,14 @@ impl GgmlType {
     ///
     /// Returns `None` for a type without a quantiser here or a partial block.
     pub fn quantize(self, values: &[f32]) -> Option<Vec<u8>> {
-        if values.len() % self.block_elements() != 0 {
+        if !values.len().is_multiple_of(self.block_elements()) {
             return None;
         }
         let mut out = Vec::with_capacity(self.bytes_for(values.len())?);
         match self {
-            Self::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            Self::F32 => values
+                .iter()
+                .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
             Self::F16 => values
                 .iter()
                 .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
@@ -218,7 +220,10 @@ impl GgmlType {
                 .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
             Self::Q4_0 => values.chunks_exact(QK).for_each(|x| {
                 // ggml: d = max / -8 where max is the value of largest magnitude, sign kept.
-                let max = x.iter().copied().fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let max = x
+                    .iter()
+                    .copied()
+                    .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
                 let d = max / -8.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -284,7 +289,11 @@ mod tests {
         let mut out = vec![0.0; 32];
         assert!(matches!(
             GgmlType::Q4_1.dequantize(&[0u8; 19], &mut out),
-            Err(DequantError::WrongLength { expected: 20, actual: 19, .. })
+            Err(DequantError::WrongLength {
+                expected: 20,
+                actual: 19,
+                ..
+            })
         ));
         let mut out = vec![0.0; 31];
         assert!(matches!(
@@ -295,7 +304,9 @@ mod tests {
 
     #[test]
     fn quantisers_round_trip_within_one_step() {
-        let values: Vec<f32> = (0..64).map(|i| ((i * 37 % 64) as f32 - 31.5) / 10.0).collect();
+        let values: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 - 31.5) / 10.0)
+            .collect();
         for (ty, step) in [
             (GgmlType::Q8_0, 3.2 / 127.0),
             (GgmlType::Q4_0, 3.2 / 8.0),

@@ -15,9 +15,9 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::CheckpointError;
 use super::ggml_type::GgmlType;
 use super::reader::{ReadError, Reader};
-use super::CheckpointError;
 
 /// The file's first four bytes.
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -174,9 +174,12 @@ impl GgufMetadata {
         expected: &'static str,
         f: impl FnOnce(&'a MetadataValue) -> Option<T>,
     ) -> Result<T, MetadataError> {
-        let value = self.entries.get(key).ok_or_else(|| MetadataError::Missing {
-            key: key.to_string(),
-        })?;
+        let value = self
+            .entries
+            .get(key)
+            .ok_or_else(|| MetadataError::Missing {
+                key: key.to_string(),
+            })?;
         f(value).ok_or_else(|| MetadataError::WrongType {
             key: key.to_string(),
             expected,
@@ -185,7 +188,9 @@ impl GgufMetadata {
 
     /// A required unsigned integer.
     pub fn usize(&self, key: &str) -> Result<usize, MetadataError> {
-        self.typed(key, "unsigned integer", |v| v.as_u64().and_then(|v| usize::try_from(v).ok()))
+        self.typed(key, "unsigned integer", |v| {
+            v.as_u64().and_then(|v| usize::try_from(v).ok())
+        })
     }
 
     /// A required float.
@@ -309,7 +314,9 @@ impl GgufFile {
         };
 
         let mut r = Reader::new(&bytes);
-        let magic = r.take(4).map_err(|_| malformed("file is shorter than the GGUF magic".into()))?;
+        let magic = r
+            .take(4)
+            .map_err(|_| malformed("file is shorter than the GGUF magic".into()))?;
         if magic != MAGIC {
             return Err(CheckpointError::BadMagic {
                 path,
@@ -318,7 +325,9 @@ impl GgufFile {
         }
         let version = r.u32().map_err(read)?;
         if !(2..=3).contains(&version) {
-            return Err(malformed(format!("unsupported GGUF version {version} (2 and 3 are)")));
+            return Err(malformed(format!(
+                "unsupported GGUF version {version} (2 and 3 are)"
+            )));
         }
         // Each tensor info takes at least 8 (name len) + 4 + 4 + 8 bytes; each entry 8 + 4.
         let tensor_count = r.count("tensor count", MAX_ENTRIES, 0).map_err(read)?;
@@ -330,8 +339,12 @@ impl GgufFile {
             let ty = r.u32().map_err(read)?;
             let value = read_value(&mut r, ty, 0).map_err(|e| match e {
                 ValueError::Read(e) => malformed(format!("metadata `{key}`: {e}")),
-                ValueError::Type(t) => malformed(format!("metadata `{key}`: unknown value type {t}")),
-                ValueError::Nesting => malformed(format!("metadata `{key}`: arrays nested too deep")),
+                ValueError::Type(t) => {
+                    malformed(format!("metadata `{key}`: unknown value type {t}"))
+                }
+                ValueError::Nesting => {
+                    malformed(format!("metadata `{key}`: arrays nested too deep"))
+                }
             })?;
             metadata.entries.insert(key, value);
         }
@@ -396,7 +409,10 @@ impl GgufFile {
                 .filter(|&n| n <= usize::MAX as u64 / 4)
                 .ok_or_else(|| bad(format!("dims {:?} overflow", t.ggml_dims)))?;
             let size = t.ty.bytes_for(elements as usize).ok_or_else(|| {
-                bad(format!("{} elements is not a whole number of {:?} blocks", elements, t.ty))
+                bad(format!(
+                    "{} elements is not a whole number of {:?} blocks",
+                    elements, t.ty
+                ))
             })? as u64;
             let end = data_start
                 .checked_add(t.offset)
@@ -447,10 +463,12 @@ impl GgufFile {
 
     /// The raw bytes of tensor `name`.
     pub fn tensor_bytes(&self, name: &str) -> Result<&[u8], CheckpointError> {
-        let info = self.tensor_info(name).ok_or_else(|| CheckpointError::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-        })?;
+        let info = self
+            .tensor_info(name)
+            .ok_or_else(|| CheckpointError::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            })?;
         // Bounds were checked in `open`.
         let start = self.data_start + info.offset as usize;
         let len = info.ty.bytes_for(info.elements()).unwrap_or(0);
@@ -504,7 +522,7 @@ fn read_value(r: &mut Reader<'_>, ty: u32, depth: usize) -> Result<MetadataValue
             let min_size = match elem_ty {
                 0 | 1 | 7 => 1,
                 2 | 3 => 2,
-                4 | 5 | 6 => 4,
+                4..=6 => 4,
                 8..=12 => 8,
                 other => return Err(ValueError::Type(other)),
             };
@@ -548,8 +566,18 @@ impl GgufWriter {
     ///
     /// # Panics
     /// When `values` does not match `shape` or `ty` has no quantiser for these values.
-    pub fn tensor(&mut self, name: &str, shape: &[usize], ty: GgmlType, values: &[f32]) -> &mut Self {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "shape and values disagree");
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        ty: GgmlType,
+        values: &[f32],
+    ) -> &mut Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "shape and values disagree"
+        );
         let bytes = ty
             .quantize(values)
             .unwrap_or_else(|| panic!("cannot quantise {} values to {ty:?}", values.len()));
@@ -557,7 +585,13 @@ impl GgufWriter {
     }
 
     /// Adds a tensor from raw bytes and a raw type id (tests use it to write hostile files).
-    pub fn raw_tensor(&mut self, name: &str, shape: &[usize], type_id: u32, bytes: Vec<u8>) -> &mut Self {
+    pub fn raw_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        type_id: u32,
+        bytes: Vec<u8>,
+    ) -> &mut Self {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
         self.tensors.push((name.to_string(), dims, type_id, bytes));
         self

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
 
+use super::CheckpointError;
 use super::llama_names::LlamaTensor;
 use super::source::{WeightSource, check_tensor};
-use super::CheckpointError;
 use crate::model::LlamaConfig;
 
 /// An opened Hugging Face folder.
@@ -33,10 +33,11 @@ impl HfFolder {
             path: config_path.clone(),
             source,
         })?;
-        let config = LlamaConfig::from_hf_json(&json).map_err(|reason| CheckpointError::BadConfig {
-            path: config_path.clone(),
-            reason,
-        })?;
+        let config =
+            LlamaConfig::from_hf_json(&json).map_err(|reason| CheckpointError::BadConfig {
+                path: config_path.clone(),
+                reason,
+            })?;
 
         let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(|source| CheckpointError::Io {
@@ -64,10 +65,11 @@ impl HfFolder {
             // SAFETY: read-only private map of a weight file that is not modified while loaded
             // (same reasoning as the GGUF reader).
             #[allow(unsafe_code)]
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CheckpointError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            let map =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|source| CheckpointError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
             let names = SafeTensors::read_metadata(&map)
                 .map_err(|e| CheckpointError::Malformed {
                     path: path.clone(),
@@ -112,10 +114,13 @@ impl WeightSource for HfFolder {
 
     fn tensor(&self, name: LlamaTensor) -> Result<Vec<f32>, CheckpointError> {
         let tensor_name = name.hf_name();
-        let &file_index = self.index.get(&tensor_name).ok_or_else(|| CheckpointError::MissingTensor {
-            path: self.dir.clone(),
-            tensor: tensor_name.clone(),
-        })?;
+        let &file_index =
+            self.index
+                .get(&tensor_name)
+                .ok_or_else(|| CheckpointError::MissingTensor {
+                    path: self.dir.clone(),
+                    tensor: tensor_name.clone(),
+                })?;
         let (path, map) = &self.files[file_index];
         let bad = |reason: String| CheckpointError::BadTensor {
             path: path.clone(),
@@ -126,7 +131,9 @@ impl WeightSource for HfFolder {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let view = tensors.tensor(&tensor_name).map_err(|e| bad(e.to_string()))?;
+        let view = tensors
+            .tensor(&tensor_name)
+            .map_err(|e| bad(e.to_string()))?;
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
             Dtype::F32 => data
@@ -141,9 +148,20 @@ impl WeightSource for HfFolder {
                 .chunks_exact(2)
                 .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => return Err(bad(format!("dtype {other:?} is not supported (F32, F16, BF16 are)"))),
+            other => {
+                return Err(bad(format!(
+                    "dtype {other:?} is not supported (F32, F16, BF16 are)"
+                )));
+            }
         };
-        check_tensor(path, &tensor_name, &self.config, name, view.shape(), &values)?;
+        check_tensor(
+            path,
+            &tensor_name,
+            &self.config,
+            name,
+            view.shape(),
+            &values,
+        )?;
         Ok(values)
     }
 }

@@ -153,7 +153,13 @@ mod tests {
         let mut bytes = u64::MAX.to_le_bytes().to_vec();
         bytes.extend_from_slice(b"abc");
         let err = Reader::new(&bytes).string(1 << 20).unwrap_err();
-        assert!(matches!(err, ReadError::TooLarge { declared: u64::MAX, .. }));
+        assert!(matches!(
+            err,
+            ReadError::TooLarge {
+                declared: u64::MAX,
+                ..
+            }
+        ));
 
         let mut bytes = 100u64.to_le_bytes().to_vec();
         bytes.extend_from_slice(b"abc");

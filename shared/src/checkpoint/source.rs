@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use super::CheckpointError;
 use super::gguf::GgufFile;
 use super::llama_names::{LlamaTensor, unpermute_rope_rows};
-use super::CheckpointError;
 use crate::model::LlamaConfig;
 
 /// A checkpoint the model can be built from.
@@ -88,7 +88,14 @@ impl WeightSource for GgufSource {
     fn tensor(&self, name: LlamaTensor) -> Result<Vec<f32>, CheckpointError> {
         let file_name = name.gguf_name();
         let (shape, mut values) = self.file.tensor_f32(&file_name)?;
-        check_tensor(self.file.path(), &file_name, &self.config, name, &shape, &values)?;
+        check_tensor(
+            self.file.path(),
+            &file_name,
+            &self.config,
+            name,
+            &shape,
+            &values,
+        )?;
         if let Some(heads) = name.rope_permuted_heads(&self.config) {
             unpermute_rope_rows(&mut values, heads, shape[1]);
         }
@@ -183,7 +190,14 @@ impl WeightSource for MemorySource {
                 reason: format!("{} values, shape {shape:?} needs {expected}", values.len()),
             });
         }
-        check_tensor(&self.origin, &name.hf_name(), &self.config, name, &shape, &values)?;
+        check_tensor(
+            &self.origin,
+            &name.hf_name(),
+            &self.config,
+            name,
+            &shape,
+            &values,
+        )?;
         Ok(values)
     }
 }

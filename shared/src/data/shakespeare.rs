@@ -22,7 +22,9 @@ fn speaker(line: &str) -> Option<&str> {
     let name = line.trim().strip_suffix('.')?;
     let words = name.split_whitespace().count();
     let capitalised = name.chars().next().is_some_and(char::is_uppercase);
-    let plain = name.chars().all(|c| c.is_alphabetic() || c == ' ' || c == '\'' || c == '-');
+    let plain = name
+        .chars()
+        .all(|c| c.is_alphabetic() || c == ' ' || c == '\'' || c == '-');
     (capitalised && plain && (1..=4).contains(&words)).then_some(name)
 }
 
@@ -31,13 +33,13 @@ pub fn speeches(play: &str) -> Vec<Speech> {
     let mut out = Vec::new();
     let mut current: Option<(String, Vec<&str>)> = None;
     let flush = |current: &mut Option<(String, Vec<&str>)>, out: &mut Vec<Speech>| {
-        if let Some((role, lines)) = current.take() {
-            if !lines.is_empty() {
-                out.push(Speech {
-                    role,
-                    text: lines.join("\n"),
-                });
-            }
+        if let Some((role, lines)) = current.take()
+            && !lines.is_empty()
+        {
+            out.push(Speech {
+                role,
+                text: lines.join("\n"),
+            });
         }
     };
     for line in play.lines() {
@@ -78,7 +80,10 @@ mod tests {
         let s = speeches(SCENE);
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].role, "Lady Montague");
-        assert_eq!(s[0].text, "O, where is Romeo?--saw you him to-day?--\nRight glad I am he was not at this fray.");
+        assert_eq!(
+            s[0].text,
+            "O, where is Romeo?--saw you him to-day?--\nRight glad I am he was not at this fray."
+        );
         assert_eq!(s[1].role, "Benvolio");
         let roles = by_role(SCENE, 2);
         assert_eq!(roles.keys().collect::<Vec<_>>(), vec!["Lady Montague"]);

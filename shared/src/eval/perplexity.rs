@@ -17,7 +17,10 @@ pub fn token_nlls(model: &Llama, batch: &TokenBatch) -> Vec<Vec<f32>> {
     let logits = model.forward_batch(batch).narrow(1, 0, seq - 1);
     let targets: Tensor<3, Int> = batch.ids.clone().narrow(1, 1, seq - 1).unsqueeze_dim(2);
     let nll = log_softmax(logits, 2).gather(2, targets).neg();
-    let values: Vec<f32> = nll.into_data().try_into_vec_as().expect("losses are float32");
+    let values: Vec<f32> = nll
+        .into_data()
+        .try_into_vec_as()
+        .expect("losses are float32");
     (0..rows)
         .map(|b| values[b * (seq - 1)..b * (seq - 1) + batch.lengths[b].saturating_sub(1)].to_vec())
         .collect()

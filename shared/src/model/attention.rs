@@ -66,7 +66,8 @@ impl Attention {
         // sequence axis lets one batched matmul serve the group without copying keys per head.
         let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
         let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
-        let scores = scores.reshape([batch, kv_heads, group, seq, total]) + bias.clone().unsqueeze_dim::<5>(2);
+        let scores = scores.reshape([batch, kv_heads, group, seq, total])
+            + bias.clone().unsqueeze_dim::<5>(2);
         let probs = softmax(scores, 4).reshape([batch, kv_heads, group * seq, total]);
         let context = probs
             .matmul(v)

@@ -54,7 +54,12 @@ impl TokenBatch {
 ///
 /// # Shapes
 /// - output: `[lengths.len() or 1, 1, seq, past + seq]`
-pub fn attention_bias(seq: usize, past: usize, lengths: Option<&[usize]>, device: &Device) -> Tensor<4> {
+pub fn attention_bias(
+    seq: usize,
+    past: usize,
+    lengths: Option<&[usize]>,
+    device: &Device,
+) -> Tensor<4> {
     let total = past + seq;
     let rows: Vec<usize> = match lengths {
         Some(lengths) => lengths.to_vec(),
@@ -63,7 +68,13 @@ pub fn attention_bias(seq: usize, past: usize, lengths: Option<&[usize]>, device
     let mut bias = Vec::with_capacity(rows.len() * seq * total);
     for &len in &rows {
         for i in 0..seq {
-            bias.extend((0..total).map(|j| if j <= past + i && j < len { 0.0 } else { MASKED }));
+            bias.extend((0..total).map(|j| {
+                if j <= past + i && j < len {
+                    0.0
+                } else {
+                    MASKED
+                }
+            }));
         }
     }
     Tensor::from_data(TensorData::new(bias, [rows.len(), 1, seq, total]), device)
@@ -76,7 +87,10 @@ mod tests {
     #[test]
     fn causal_and_padding_mask() {
         let device = Device::flex();
-        let bias: Vec<f32> = attention_bias(3, 0, Some(&[2]), &device).into_data().try_into_vec_as().unwrap();
+        let bias: Vec<f32> = attention_bias(3, 0, Some(&[2]), &device)
+            .into_data()
+            .try_into_vec_as()
+            .unwrap();
         let allowed: Vec<bool> = bias.iter().map(|&b| b == 0.0).collect();
         #[rustfmt::skip]
         assert_eq!(allowed, vec![
@@ -84,8 +98,14 @@ mod tests {
             true, true, false,
             true, true, false, // the padded key 2 stays hidden even from the padded query
         ]);
-        let with_past: Vec<f32> = attention_bias(1, 4, None, &device).into_data().try_into_vec_as().unwrap();
-        assert!(with_past.iter().all(|&b| b == 0.0), "one new token sees every cached one");
+        let with_past: Vec<f32> = attention_bias(1, 4, None, &device)
+            .into_data()
+            .try_into_vec_as()
+            .unwrap();
+        assert!(
+            with_past.iter().all(|&b| b == 0.0),
+            "one new token sees every cached one"
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ impl DecoderLayer {
         bias: &Tensor<4>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
-        let h = x.clone() + self.attention.forward(self.input_norm.forward(x), rope, bias, cache);
+        let h = x.clone()
+            + self
+                .attention
+                .forward(self.input_norm.forward(x), rope, bias, cache);
         h.clone() + self.mlp.forward(self.post_attention_norm.forward(h))
     }
 }

@@ -49,16 +49,21 @@ impl LlamaConfig {
                 return Err(format!("{name} must be positive"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_heads ({}) must be a multiple of num_kv_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(format!("head_dim ({}) must be even for rotary embeddings", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            ));
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) {
+        // Written to reject NaN too: a NaN is neither positive nor non-positive.
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.rms_norm_eps) || !positive(self.rope_theta) {
             return Err("rms_norm_eps and rope_theta must be positive".into());
         }
         // Guards against configs whose parameter count overflows or exhausts memory.
@@ -115,7 +120,9 @@ impl LlamaConfig {
         let err = |e: MetadataError| e.to_string();
         let arch = meta.str("general.architecture").map_err(err)?;
         if arch != "llama" {
-            return Err(format!("architecture `{arch}` is not supported (only `llama`)"));
+            return Err(format!(
+                "architecture `{arch}` is not supported (only `llama`)"
+            ));
         }
         let key = |k: &str| format!("llama.{k}");
         let hidden_size = meta.usize(&key("embedding_length")).map_err(err)?;
@@ -132,7 +139,10 @@ impl LlamaConfig {
             None if num_heads > 0 => hidden_size / num_heads,
             None => return Err("attention.head_count must be positive".into()),
         };
-        let vocab_size = match meta.optional(&key("vocab_size"), GgufMetadata::usize).map_err(err)? {
+        let vocab_size = match meta
+            .optional(&key("vocab_size"), GgufMetadata::usize)
+            .map_err(err)?
+        {
             Some(v) => v,
             None => meta
                 .get("tokenizer.ggml.tokens")
@@ -148,7 +158,9 @@ impl LlamaConfig {
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: meta.f64(&key("attention.layer_norm_rms_epsilon")).map_err(err)?,
+            rms_norm_eps: meta
+                .f64(&key("attention.layer_norm_rms_epsilon"))
+                .map_err(err)?,
             rope_theta: meta
                 .optional(&key("rope.freq_base"), GgufMetadata::f64)
                 .map_err(err)?
@@ -159,10 +171,10 @@ impl LlamaConfig {
                 .unwrap_or(2048),
             tie_word_embeddings: !has_output_tensor,
         };
-        if let Some(scaling) = meta.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
-            if scaling != "none" {
-                return Err(format!("rope scaling `{scaling}` is not supported"));
-            }
+        if let Some(scaling) = meta.get(&key("rope.scaling.type")).and_then(|v| v.as_str())
+            && scaling != "none"
+        {
+            return Err(format!("rope scaling `{scaling}` is not supported"));
         }
         config.validate()?;
         Ok(config)
@@ -171,10 +183,12 @@ impl LlamaConfig {
     /// Reads the configuration from a Hugging Face `config.json`.
     pub fn from_hf_json(json: &str) -> Result<Self, String> {
         let hf: HfLlamaConfig = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        if let Some(kind) = hf.model_type.as_deref() {
-            if !matches!(kind, "llama" | "mistral") {
-                return Err(format!("model_type `{kind}` is not supported (only Llama-family)"));
-            }
+        if let Some(kind) = hf.model_type.as_deref()
+            && !matches!(kind, "llama" | "mistral")
+        {
+            return Err(format!(
+                "model_type `{kind}` is not supported (only Llama-family)"
+            ));
         }
         if hf.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err("rope_scaling is not supported yet".into());
@@ -279,9 +293,18 @@ mod tests {
     fn inconsistent_heads_are_rejected() {
         let mut config = LlamaConfig::tiny();
         config.num_kv_heads = 3;
-        assert!(config.validate().unwrap_err().contains("multiple of num_kv_heads"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("multiple of num_kv_heads")
+        );
         let json = r#"{"model_type":"gpt2","vocab_size":1,"hidden_size":1,"intermediate_size":1,
             "num_hidden_layers":1,"num_attention_heads":1,"rms_norm_eps":1e-5}"#;
-        assert!(LlamaConfig::from_hf_json(json).unwrap_err().contains("gpt2"));
+        assert!(
+            LlamaConfig::from_hf_json(json)
+                .unwrap_err()
+                .contains("gpt2")
+        );
     }
 }

@@ -35,9 +35,17 @@ impl KvCache {
     /// # Shapes
     /// - keys, values: `[batch, kv_heads, new_positions, head_dim]`
     /// - output: `[batch, kv_heads, cached + new_positions, head_dim]` each
-    pub fn append(&mut self, layer: usize, keys: Tensor<4>, values: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: Tensor<4>,
+        values: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
         let (k, v) = match self.layers[layer].take() {
-            Some((k, v)) => (Tensor::cat(vec![k, keys], 2), Tensor::cat(vec![v, values], 2)),
+            Some((k, v)) => (
+                Tensor::cat(vec![k, keys], 2),
+                Tensor::cat(vec![v, values], 2),
+            ),
             None => (keys, values),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));

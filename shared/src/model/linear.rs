@@ -24,8 +24,17 @@ impl Linear {
     ///
     /// # Panics
     /// When `values.len() != d_output * d_input`.
-    pub fn from_checkpoint(values: &[f32], d_output: usize, d_input: usize, device: &Device) -> Self {
-        assert_eq!(values.len(), d_output * d_input, "weight values and shape disagree");
+    pub fn from_checkpoint(
+        values: &[f32],
+        d_output: usize,
+        d_input: usize,
+        device: &Device,
+    ) -> Self {
+        assert_eq!(
+            values.len(),
+            d_output * d_input,
+            "weight values and shape disagree"
+        );
         let mut transposed = vec![0.0f32; values.len()];
         for (o, row) in values.chunks_exact(d_input).enumerate() {
             for (i, &v) in row.iter().enumerate() {

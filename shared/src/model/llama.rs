@@ -55,7 +55,8 @@ impl Llama {
         };
 
         let (embed, shape) = next(LlamaTensor::Embed)?;
-        let embed_tokens = Param::from_tensor(Tensor::from_data(TensorData::new(embed, shape), device));
+        let embed_tokens =
+            Param::from_tensor(Tensor::from_data(TensorData::new(embed, shape), device));
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let mut t = |t: LayerTensor| next(LlamaTensor::Layer(i, t));
@@ -115,7 +116,12 @@ impl Llama {
     /// # Shapes
     /// - ids: `[batch, seq]`
     /// - output: `[batch, seq, hidden]`
-    pub fn hidden(&self, ids: Tensor<2, Int>, lengths: Option<&[usize]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn hidden(
+        &self,
+        ids: Tensor<2, Int>,
+        lengths: Option<&[usize]>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         let device = ids.device();
         let [_, seq] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());

@@ -62,16 +62,25 @@ mod tests {
     fn position_zero_is_identity_and_norm_is_kept() {
         let device = Device::flex();
         let x = Tensor::<4>::from_data(
-            TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 2.0, 1.0], [1, 1, 2, 4]),
+            TensorData::new(
+                vec![1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 2.0, 1.0],
+                [1, 1, 2, 4],
+            ),
             &device,
         );
         let y = RopeTables::new(4, 10_000.0, 0, 2, &device).apply(x.clone());
-        let (xv, yv): (Vec<f32>, Vec<f32>) = (x.into_data().try_into_vec_as().unwrap(), y.into_data().try_into_vec_as().unwrap());
+        let (xv, yv): (Vec<f32>, Vec<f32>) = (
+            x.into_data().try_into_vec_as().unwrap(),
+            y.into_data().try_into_vec_as().unwrap(),
+        );
         assert_eq!(&xv[..4], &yv[..4], "position 0 is not rotated");
         let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
-        assert!((norm(&xv[4..]) - norm(&yv[4..])).abs() < 1e-5, "rotation keeps the norm");
+        assert!(
+            (norm(&xv[4..]) - norm(&yv[4..])).abs() < 1e-5,
+            "rotation keeps the norm"
+        );
         // Position 1, pair (x[0], x[2]) rotates by angle 1 rad: x0' = x0 cos1 - x2 sin1.
-        let expected = -1.0 * 1f32.cos() - 2.0 * 1f32.sin();
+        let expected = -1f32.cos() - 2.0 * 1f32.sin();
         assert!((yv[4] - expected).abs() < 1e-6);
     }
 }

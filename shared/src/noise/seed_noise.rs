@@ -102,7 +102,11 @@ impl NoiseDistribution {
             Self::Rademacher => {
                 let n = (32 - skip).min(out.len());
                 for (i, slot) in out[..n].iter_mut().enumerate() {
-                    *slot = if (word >> (skip + i)) & 1 == 1 { 1.0 } else { -1.0 };
+                    *slot = if (word >> (skip + i)) & 1 == 1 {
+                        1.0
+                    } else {
+                        -1.0
+                    };
                 }
                 n
             }
@@ -139,7 +143,9 @@ impl SeedNoise {
         key[..8].copy_from_slice(&self.seed.to_le_bytes());
         let mut rng = ChaCha8Rng::from_seed(key);
         rng.set_stream(tensor);
-        rng.set_word_pos(u128::from(offset / self.distribution.values_per_word() as u64));
+        rng.set_word_pos(u128::from(
+            offset / self.distribution.values_per_word() as u64,
+        ));
         rng
     }
 
@@ -175,18 +181,22 @@ impl SeedNoise {
     /// [`fill`](Self::fill) split across every core. Bit-identical to it: each chunk seeks the
     /// keystream to its own start.
     pub fn fill_parallel(&self, tensor: u64, offset: u64, out: &mut [f32]) {
-        out.par_chunks_mut(PARALLEL_CHUNK).enumerate().for_each(|(i, chunk)| {
-            self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
-        });
+        out.par_chunks_mut(PARALLEL_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
+            });
     }
 
     /// `out[i] = scale * z(seed, tensor, offset + i)` on every core: one rounding (the multiply),
     /// the same on every platform.
     pub fn fill_scaled(&self, tensor: u64, offset: u64, scale: f32, out: &mut [f32]) {
-        out.par_chunks_mut(PARALLEL_CHUNK).enumerate().for_each(|(i, chunk)| {
-            self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
-            chunk.iter_mut().for_each(|v| *v *= scale);
-        });
+        out.par_chunks_mut(PARALLEL_CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
+                chunk.iter_mut().for_each(|v| *v *= scale);
+            });
     }
 }
 
@@ -253,7 +263,11 @@ mod tests {
         let var = z.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
         assert!(mean.abs() < 0.005, "mean {mean}");
         assert!((var - 1.0).abs() < 0.01, "variance {var}");
-        assert_ne!(whole(&noise, 1, 64), whole(&noise, 0, 64), "tensors get their own streams");
+        assert_ne!(
+            whole(&noise, 1, 64),
+            whole(&noise, 0, 64),
+            "tensors get their own streams"
+        );
         let other = SeedNoise::new(2, NoiseDistribution::Binomial16);
         assert_ne!(whole(&other, 0, 64), whole(&noise, 0, 64), "seeds differ");
     }

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::Device;
-use rand::{Rng, SeedableRng};
 use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::round::{ClientReport, RoundPlan, ZoRunConfig, ZoServer, replay, wire_size};
@@ -78,7 +78,9 @@ pub fn local_round(
             .collect();
         let batch = TokenBatch::right_padded(&rows, pad_id, &device);
         let index = plan.sampling.sample(pool.len(), rng) as u32;
-        let Some(seed) = pool.seed(index as usize) else { continue };
+        let Some(seed) = pool.seed(index as usize) else {
+            continue;
+        };
         let noise = SeedNoise::new(seed, config.distribution);
         let (next, outcome) = zo_step(working, noise, step, |m| batch_loss(m, &batch));
         working = next;
@@ -126,8 +128,14 @@ pub fn run_federation(
     config: &FederationConfig,
     mut on_round: impl FnMut(&RoundStats),
 ) -> Llama {
-    assert!(clients.len() >= config.clients_per_round, "not enough clients");
-    assert!(clients.iter().all(|c| !c.is_empty()), "every client needs data");
+    assert!(
+        clients.len() >= config.clients_per_round,
+        "not enough clients"
+    );
+    assert!(
+        clients.iter().all(|c| !c.is_empty()),
+        "every client needs data"
+    );
     let pool = SeedPool::new(config.run.run_seed, config.run.k as usize);
     let mut server = ZoServer::new(config.run.clone());
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -142,7 +150,8 @@ pub fn run_federation(
             // plan still carries its catch-up deltas, so the bytes are what the wire would carry.
             let plan = server.plan(last_seen[c]);
             plan_bytes += wire_size(&plan);
-            let mut client_rng = ChaCha8Rng::seed_from_u64(config.seed ^ (plan.round << 20) ^ c as u64);
+            let mut client_rng =
+                ChaCha8Rng::seed_from_u64(config.seed ^ (plan.round << 20) ^ c as u64);
             let (report, loss) = local_round(
                 &global,
                 &plan,

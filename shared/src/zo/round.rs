@@ -240,14 +240,22 @@ impl ZoServer {
             round: self.round,
             config: self.config.clone(),
             sampling,
-            catch_up: self.deltas.iter().skip(last_seen as usize).cloned().collect(),
+            catch_up: self
+                .deltas
+                .iter()
+                .skip(last_seen as usize)
+                .cloned()
+                .collect(),
         }
     }
 
     /// Validates and combines this round's reports: `ΔH[s] = Σ_c (n_c / Σ n) g_c[s]`. Advances
     /// to the next round and returns the delta. Reports that fail validation are returned with
     /// their error and left out.
-    pub fn aggregate(&mut self, reports: &[ClientReport]) -> (HistoryDelta, Vec<(usize, ReportError)>) {
+    pub fn aggregate(
+        &mut self,
+        reports: &[ClientReport],
+    ) -> (HistoryDelta, Vec<(usize, ReportError)>) {
         let mut rejected = Vec::new();
         let mut accepted = Vec::new();
         for (i, report) in reports.iter().enumerate() {
@@ -282,14 +290,22 @@ impl ZoServer {
 }
 
 /// Applies one round's delta to a model: `w ← w - lr · Σ_s ΔH[s] · z_s`, seeds ascending.
-pub fn replay<M: Module>(model: M, config: &ZoRunConfig, pool: &SeedPool, delta: &HistoryDelta) -> M {
+pub fn replay<M: Module>(
+    model: M,
+    config: &ZoRunConfig,
+    pool: &SeedPool,
+    delta: &HistoryDelta,
+) -> M {
     let terms: Vec<(SeedNoise, f32)> = delta
         .entries
         .nonzero()
         .into_iter()
         .filter_map(|(s, change)| {
             let seed = pool.seed(s as usize)?;
-            Some((SeedNoise::new(seed, config.distribution), -config.lr * change))
+            Some((
+                SeedNoise::new(seed, config.distribution),
+                -config.lr * change,
+            ))
         })
         .collect();
     add_noise(model, &terms)
@@ -331,7 +347,10 @@ mod tests {
             report(1, vec![(1, f32::NAN)], 1),
         ];
         let (delta, rejected) = server.aggregate(&reports);
-        assert_eq!(rejected.iter().map(|r| r.0).collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(
+            rejected.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
         assert_eq!(delta.entries.nonzero(), vec![(0, 0.25), (3, 0.5 + 3.0)]);
         assert_eq!(server.round(), 2);
         assert_eq!(server.plan(0).catch_up.len(), 1);
@@ -365,6 +384,9 @@ mod tests {
             }],
             ..plan
         };
-        assert!(wire_size(&sparse_plan) < plan_bytes / 2, "sparse deltas are encoded sparsely");
+        assert!(
+            wire_size(&sparse_plan) < plan_bytes / 2,
+            "sparse deltas are encoded sparsely"
+        );
     }
 }

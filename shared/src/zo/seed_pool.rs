@@ -80,12 +80,18 @@ pub fn pro_probabilities(histories: &[Vec<f32>]) -> Vec<f32> {
         .iter()
         .map(|h| {
             let n = h.len().max(1) as f64;
-            h.iter().map(|g| g.clamp(-PRO_CLIP, PRO_CLIP).abs() as f64).sum::<f64>() / n
+            h.iter()
+                .map(|g| g.clamp(-PRO_CLIP, PRO_CLIP).abs() as f64)
+                .sum::<f64>()
+                / n
         })
         .collect();
     let min = psi.iter().copied().fold(f64::INFINITY, f64::min);
     let max = psi.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let normalised: Vec<f64> = psi.iter().map(|p| (p - min) / (max - min + 1e-10)).collect();
+    let normalised: Vec<f64> = psi
+        .iter()
+        .map(|p| (p - min) / (max - min + 1e-10))
+        .collect();
     let top = normalised.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let exp: Vec<f64> = normalised.iter().map(|v| (v - top).exp()).collect();
     let sum: f64 = exp.iter().sum();
@@ -105,7 +111,12 @@ mod tests {
 
     #[test]
     fn pro_probabilities_favour_seeds_with_large_gradients() {
-        let histories = vec![vec![0.0], vec![0.0, 5.0], vec![0.0, -2000.0], vec![0.0, 1.0]];
+        let histories = vec![
+            vec![0.0],
+            vec![0.0, 5.0],
+            vec![0.0, -2000.0],
+            vec![0.0, 1.0],
+        ];
         let p = pro_probabilities(&histories);
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         // Seed 2's -2000 is clipped to -1000: mean |g| = 500, the largest.

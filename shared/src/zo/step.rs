@@ -19,7 +19,10 @@ pub struct ZoStepConfig {
 impl Default for ZoStepConfig {
     /// FedKSeed's defaults for full-model tuning: ε = 5e-4, lr = 3e-7.
     fn default() -> Self {
-        Self { eps: 5e-4, lr: 3e-7 }
+        Self {
+            eps: 5e-4,
+            lr: 3e-7,
+        }
     }
 }
 
@@ -54,7 +57,13 @@ pub fn zo_step<M: Module>(
     let minus = loss(&model);
     if !plus.is_finite() || !minus.is_finite() {
         let model = add_noise(model, &[(noise, config.eps)]);
-        return (model, StepOutcome { g: None, loss: f32::NAN });
+        return (
+            model,
+            StepOutcome {
+                g: None,
+                loss: f32::NAN,
+            },
+        );
     }
     let g = (plus - minus) / (2.0 * config.eps);
     let model = add_noise(model, &[(noise, config.eps - config.lr * g)]);
