@@ -129,6 +129,9 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Download the data sets the examples and tests use (the Shakespeare corpus) into the data
+    /// folder ($FEDTUNE_DATA_DIR or ./data).
+    FetchData,
     /// Show a model's configuration and tensors.
     Inspect {
         #[command(flatten)]
@@ -432,6 +435,12 @@ fn main() -> anyhow::Result<()> {
         Command::FetchModel { dir } => {
             let path = fetch::ensure_default_model(&dir.unwrap_or_else(fetch::models_dir))?;
             println!("{}", path.display());
+        }
+        Command::FetchData => {
+            println!(
+                "{}",
+                fetch::ensure_shakespeare(&fetch::data_dir())?.display()
+            );
         }
         Command::Inspect { model } => {
             let path = model.path()?;
