@@ -18,6 +18,12 @@ use fedtune_shared::tokenizer::ChatMessage;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+/// Tensors of tens to hundreds of megabytes are allocated and freed on every forward and noise
+/// pass; the system allocator hands them back to the OS each time, and the kernel then zeroes
+/// fresh pages for the next one (a tenth of a zeroth-order step's time). mimalloc keeps them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Federated fine-tuning of language models.
 #[derive(Debug, Parser)]
 #[command(name = "fedtune", version, about)]
