@@ -8,7 +8,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use fedtune_shared::eval::batch_loss;
 use fedtune_shared::model::{Llama, TokenBatch};
 use fedtune_shared::noise::{NoiseDistribution, SeedNoise};
-use fedtune_shared::zo::step::{ZoStepConfig, zo_step};
+use fedtune_shared::zo::step::{ZoStepConfig, ZoSteps};
 
 /// Timings of one benchmark, in seconds.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,7 +68,8 @@ pub fn forward(model: &Llama, seq_len: usize, warmup: usize, runs: usize) -> Tim
 /// Timings of one zeroth-order step.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ZoTimings {
-    /// Median of whole steps (three noise passes, two forward passes).
+    /// Median of whole steps in a run of steps (three noise generations, two weight passes,
+    /// two forward passes each; see `ZoSteps`).
     pub median_s: f64,
     /// Median of the step's noise passes (`median_s - forward_s`).
     pub noise_s: f64,
@@ -99,14 +100,11 @@ pub fn zo(model: Llama, seq_len: usize, warmup: usize, runs: usize) -> ZoTimings
         }
     }
     let mut steps = Vec::with_capacity(runs);
-    let mut model = model;
+    let mut stepper = ZoSteps::new(model, ZoStepConfig::default());
     for i in 0..warmup + runs {
         let noise = SeedNoise::new(i as u64, NoiseDistribution::Binomial16);
         let start = Instant::now();
-        let (next, _) = zo_step(model, noise, ZoStepConfig::default(), |m| {
-            batch_loss(m, &batch)
-        });
-        model = next;
+        stepper.step(noise, |m| batch_loss(m, &batch));
         if i >= warmup {
             steps.push(start.elapsed().as_secs_f64());
         }

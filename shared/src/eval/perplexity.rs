@@ -1,7 +1,6 @@
 //! Next-token negative log-likelihood: the loss every fedtune algorithm minimises and the
 //! number `fedtune score` prints.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::model::{Llama, TokenBatch};
@@ -14,9 +13,19 @@ pub fn token_nlls(model: &Llama, batch: &TokenBatch) -> Vec<Vec<f32>> {
     if seq < 2 {
         return vec![Vec::new(); rows];
     }
-    let logits = model.forward_batch(batch).narrow(1, 0, seq - 1);
+    // The last position predicts nothing here: drop it before the output head, not after.
+    let lengths = batch.is_padded().then_some(batch.lengths.as_slice());
+    let hidden = model
+        .hidden(batch.ids.clone(), lengths, None)
+        .narrow(1, 0, seq - 1);
+    let logits = model.logits(hidden);
     let targets: Tensor<3, Int> = batch.ids.clone().narrow(1, 1, seq - 1).unsqueeze_dim(2);
-    let nll = log_softmax(logits, 2).gather(2, targets).neg();
+    // -log softmax(x)[t] = logsumexp(x) - x[t]: only the target's log-probability is needed,
+    // so the full log-softmax over the vocabulary is never materialised.
+    let picked = logits.clone().gather(2, targets);
+    let max = logits.clone().max_dim(2);
+    let logsumexp = (logits - max.clone()).exp().sum_dim(2).log() + max;
+    let nll = logsumexp - picked;
     let values: Vec<f32> = nll
         .into_data()
         .try_into_vec_as()

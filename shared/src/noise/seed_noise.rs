@@ -188,6 +188,25 @@ impl SeedNoise {
             });
     }
 
+    /// `out[i] += scale * z(seed, tensor, offset + i)` on every core: the product rounded, then
+    /// the sum rounded, the same on every platform. The noise goes through a small per-task
+    /// buffer, never a second array the size of `out`.
+    pub fn accumulate_scaled(&self, tensor: u64, offset: u64, scale: f32, out: &mut [f32]) {
+        out.par_chunks_mut(PARALLEL_CHUNK)
+            .enumerate()
+            .for_each_init(
+                || vec![0.0f32; PARALLEL_CHUNK],
+                |buffer, (i, chunk)| {
+                    let noise = &mut buffer[..chunk.len()];
+                    self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, noise);
+                    chunk
+                        .iter_mut()
+                        .zip(noise.iter())
+                        .for_each(|(o, z)| *o += scale * z);
+                },
+            );
+    }
+
     /// `out[i] = scale * z(seed, tensor, offset + i)` on every core: one rounding (the multiply),
     /// the same on every platform.
     pub fn fill_scaled(&self, tensor: u64, offset: u64, scale: f32, out: &mut [f32]) {

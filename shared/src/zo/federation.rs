@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::round::{ClientReport, RoundPlan, ZoRunConfig, ZoServer, replay, wire_size};
 use super::seed_pool::SeedPool;
-use super::step::{ZoStepConfig, zo_step};
+use super::step::{ZoStepConfig, ZoSteps};
 use crate::eval::batch_loss;
 use crate::model::{Llama, TokenBatch};
 use crate::noise::SeedNoise;
@@ -67,7 +67,7 @@ pub fn local_round(
         eps: config.eps,
         lr: config.lr,
     };
-    let mut working = model.clone();
+    let mut working = ZoSteps::new(model.clone(), step);
     let mut grads: BTreeMap<u32, f32> = BTreeMap::new();
     let mut step_grads = Vec::new();
     let mut losses = Vec::new();
@@ -82,8 +82,7 @@ pub fn local_round(
             continue;
         };
         let noise = SeedNoise::new(seed, config.distribution);
-        let (next, outcome) = zo_step(working, noise, step, |m| batch_loss(m, &batch));
-        working = next;
+        let outcome = working.step(noise, |m| batch_loss(m, &batch));
         samples += rows.len() as u64;
         if let Some(g) = outcome.g {
             *grads.entry(index).or_default() += g;

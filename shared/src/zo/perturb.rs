@@ -27,13 +27,11 @@ impl ModuleMapper for AddNoise<'_> {
             // correctly rounded multiply and add: the same bits on every machine. Then one add
             // on the parameter's device.
             let mut update = vec![0.0f32; n];
-            let mut scratch = vec![0.0f32; if terms.len() > 1 { n } else { 0 }];
             for (i, (noise, coefficient)) in terms.iter().enumerate() {
                 if i == 0 {
                     noise.fill_scaled(index, 0, *coefficient, &mut update);
                 } else {
-                    noise.fill_scaled(index, 0, *coefficient, &mut scratch);
-                    update.iter_mut().zip(&scratch).for_each(|(u, s)| *u += *s);
+                    noise.accumulate_scaled(index, 0, *coefficient, &mut update);
                 }
             }
             let device = weight.device();

@@ -36,42 +36,88 @@ pub struct StepOutcome {
     pub loss: f32,
 }
 
-/// `w += ε z` → `L+`; `w -= 2ε z` → `L-`; `g = (L+ - L-) / 2ε`; `w += (ε - lr g) z`.
+/// Successive zeroth-order steps on one model.
 ///
-/// The last pass fuses the restore (`+ε z`) with the update (`-lr g z`): one rounding per weight
-/// instead of two, so the weights after a step are `w - lr g z` up to the rounding of the three
-/// adds, not bit for bit. That never reaches the global model: a round's local weights are
+/// Step `t`: `w += ε z_t` → `L+`; `w -= 2ε z_t` → `L-`; `g = (L+ - L-) / 2ε`; then the restore
+/// and the update `w += (ε - lr g) z_t`. That last pass is not applied on its own: it is merged
+/// into step `t + 1`'s perturbation, `w += (ε - lr g_t) z_t + ε z_{t+1}`, summed on the host and
+/// added in one pass ([`add_noise`] with two terms). A step thus generates noise three times but
+/// reads and writes the weights twice; [`finish`](Self::finish) applies the last pending update.
+///
+/// Merging changes rounding: the weights after a step are `w - lr g z` up to the rounding of
+/// the adds, not bit for bit. That never reaches the global model: a round's local weights are
 /// discarded and every party rebuilds the global model by replaying seeds from the last global
 /// one (see [`super::round`]).
 ///
-/// Peak memory is the model plus one parameter tensor of noise.
+/// Peak memory is the model plus two parameter tensors of noise.
+pub struct ZoSteps<M> {
+    /// Always `Some` between calls; taken while [`add_noise`] consumes and rebuilds it.
+    model: Option<M>,
+    config: ZoStepConfig,
+    /// The restore-and-update term of the previous step, not yet applied.
+    pending: Option<(SeedNoise, f32)>,
+}
+
+impl<M: Module> ZoSteps<M> {
+    /// Starts stepping `model`.
+    pub fn new(model: M, config: ZoStepConfig) -> Self {
+        Self {
+            model: Some(model),
+            config,
+            pending: None,
+        }
+    }
+
+    /// One step along `noise`'s direction; `loss` evaluates the model on this step's batch.
+    pub fn step(&mut self, noise: SeedNoise, mut loss: impl FnMut(&M) -> f32) -> StepOutcome {
+        let eps = self.config.eps;
+        let mut terms: Vec<(SeedNoise, f32)> = self.pending.take().into_iter().collect();
+        terms.push((noise, eps));
+        let plus = loss(self.apply(&terms));
+        let minus = loss(self.apply(&[(noise, -2.0 * eps)]));
+        if !plus.is_finite() || !minus.is_finite() {
+            self.pending = Some((noise, eps));
+            return StepOutcome {
+                g: None,
+                loss: f32::NAN,
+            };
+        }
+        let g = (plus - minus) / (2.0 * eps);
+        self.pending = Some((noise, eps - self.config.lr * g));
+        StepOutcome {
+            g: Some(g),
+            loss: (plus + minus) / 2.0,
+        }
+    }
+
+    /// Applies the pending update and returns the model.
+    pub fn finish(mut self) -> M {
+        let pending: Vec<_> = self.pending.take().into_iter().collect();
+        self.apply(&pending);
+        self.model
+            .take()
+            .expect("the model is present between steps")
+    }
+
+    /// Adds the terms to the weights and returns the model. The model is moved, not cloned, so
+    /// each weight tensor has one owner and the add can reuse its memory.
+    fn apply(&mut self, terms: &[(SeedNoise, f32)]) -> &M {
+        let model = self
+            .model
+            .take()
+            .expect("the model is present between steps");
+        self.model.insert(add_noise(model, terms))
+    }
+}
+
+/// One step on its own (three weight passes): see [`ZoSteps`].
 pub fn zo_step<M: Module>(
     model: M,
     noise: SeedNoise,
     config: ZoStepConfig,
-    mut loss: impl FnMut(&M) -> f32,
+    loss: impl FnMut(&M) -> f32,
 ) -> (M, StepOutcome) {
-    let model = add_noise(model, &[(noise, config.eps)]);
-    let plus = loss(&model);
-    let model = add_noise(model, &[(noise, -2.0 * config.eps)]);
-    let minus = loss(&model);
-    if !plus.is_finite() || !minus.is_finite() {
-        let model = add_noise(model, &[(noise, config.eps)]);
-        return (
-            model,
-            StepOutcome {
-                g: None,
-                loss: f32::NAN,
-            },
-        );
-    }
-    let g = (plus - minus) / (2.0 * config.eps);
-    let model = add_noise(model, &[(noise, config.eps - config.lr * g)]);
-    (
-        model,
-        StepOutcome {
-            g: Some(g),
-            loss: (plus + minus) / 2.0,
-        },
-    )
+    let mut steps = ZoSteps::new(model, config);
+    let outcome = steps.step(noise, loss);
+    (steps.finish(), outcome)
 }
