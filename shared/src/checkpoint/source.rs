@@ -156,11 +156,6 @@ impl MemorySource {
     pub fn insert(&mut self, name: LlamaTensor, values: Vec<f32>) {
         self.tensors.insert(name, values);
     }
-
-    /// The values of one tensor, if present.
-    pub fn get(&self, name: LlamaTensor) -> Option<&[f32]> {
-        self.tensors.get(&name).map(Vec::as_slice)
-    }
 }
 
 impl WeightSource for MemorySource {

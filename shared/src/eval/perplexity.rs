@@ -1,7 +1,7 @@
 //! Next-token negative log-likelihood: the loss every fedtune algorithm minimises and the
 //! number `fedtune score` prints.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor};
 
 use crate::model::{Llama, TokenBatch};
 
@@ -43,12 +43,7 @@ pub fn mean_next_token_nll(model: &Llama, ids: &[u32]) -> Option<f64> {
     if ids.len() < 2 {
         return None;
     }
-    let device = model.device();
-    let data: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-    let batch = TokenBatch {
-        ids: Tensor::from_data(TensorData::new(data, [1, ids.len()]), &device),
-        lengths: vec![ids.len()],
-    };
+    let batch = TokenBatch::right_padded(&[ids.to_vec()], 0, &model.device());
     let nlls = token_nlls(model, &batch).pop()?;
     Some(nlls.iter().map(|&v| v as f64).sum::<f64>() / nlls.len() as f64)
 }

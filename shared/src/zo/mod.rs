@@ -2,7 +2,7 @@
 //! seed importance): plain computations over the model, no I/O.
 //!
 //! - [`perturb`]: adding seeded noise to every parameter of a model, and replaying seed updates;
-//! - [`step`]: one two-point zeroth-order step;
+//! - [`step`]: successive two-point zeroth-order steps;
 //! - [`seed_pool`]: the K candidate seeds and how a client samples them;
 //! - [`round`]: what the server sends, what a client reports, and the server's history.
 //! - [`federation`]: server and clients in one process.

@@ -109,15 +109,3 @@ impl<M: Module> ZoSteps<M> {
         self.model.insert(add_noise(model, terms))
     }
 }
-
-/// One step on its own (three weight passes): see [`ZoSteps`].
-pub fn zo_step<M: Module>(
-    model: M,
-    noise: SeedNoise,
-    config: ZoStepConfig,
-    loss: impl FnMut(&M) -> f32,
-) -> (M, StepOutcome) {
-    let mut steps = ZoSteps::new(model, config);
-    let outcome = steps.step(noise, loss);
-    (steps.finish(), outcome)
-}
