@@ -20,6 +20,9 @@
 //!
 //! So element `offset` reads word `offset / values_per_word` and its part `offset %
 //! values_per_word`.
+//! 3. An update `w += c_1 z_1 + c_2 z_2 + …` applies its terms one after the other, each an
+//!    exact product (see [`exact_coefficient`]) and one correctly rounded add ([`add_terms`]).
+//!    The GPU kernel computes the same sequence, so the host and every device agree bit for bit.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -187,36 +190,54 @@ impl SeedNoise {
                 self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
             });
     }
+}
 
-    /// `out[i] += scale * z(seed, tensor, offset + i)` on every core: the product rounded, then
-    /// the sum rounded, the same on every platform. The noise goes through a small per-task
-    /// buffer, never a second array the size of `out`.
-    pub fn accumulate_scaled(&self, tensor: u64, offset: u64, scale: f32, out: &mut [f32]) {
-        out.par_chunks_mut(PARALLEL_CHUNK)
-            .enumerate()
-            .for_each_init(
-                || vec![0.0f32; PARALLEL_CHUNK],
-                |buffer, (i, chunk)| {
-                    let noise = &mut buffer[..chunk.len()];
-                    self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, noise);
+/// `c` truncated to 21 significant bits (the low 3 bits of the `f32` significand cleared).
+///
+/// Every noise value is `k · 0.5` or `±1` with `|k| ≤ 8`, at most 3 significant bits, so the
+/// product `c · z` of a truncated coefficient is exact in `f32`. That is what makes an update
+/// the same bits everywhere: with nothing to round in the product, a fused multiply-add (which
+/// GPU shader compilers may form without being asked) gives the same result as a multiply
+/// followed by an add. The relative change of the coefficient, at most 2⁻²¹, is far below
+/// anything a learning rate or perturbation scale expresses.
+pub fn exact_coefficient(c: f32) -> f32 {
+    f32::from_bits(c.to_bits() & !0b111)
+}
+
+/// `out[i] ← out[i] + c_k · z(seed_k, tensor, offset + i)` for each term `(seed_k, c_k)` in
+/// order, with `c_k` first passed through [`exact_coefficient`], on every core.
+///
+/// Each term is one exact product and one correctly rounded add, so the result is defined
+/// bit for bit by the terms and their order; the GPU kernel (`noise_kernel`) computes the same
+/// sequence. Work goes chunk by chunk: a chunk of `out` stays in cache while every term is added
+/// to it, and the noise goes through a small per-task buffer, never an array the size of `out`.
+pub fn add_terms(
+    distribution: NoiseDistribution,
+    tensor: u64,
+    offset: u64,
+    terms: &[(u64, f32)],
+    out: &mut [f32],
+) {
+    if terms.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(PARALLEL_CHUNK)
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; PARALLEL_CHUNK],
+            |buffer, (i, chunk)| {
+                let noise = &mut buffer[..chunk.len()];
+                let start = offset + (i * PARALLEL_CHUNK) as u64;
+                for &(seed, coefficient) in terms {
+                    SeedNoise::new(seed, distribution).fill(tensor, start, noise);
+                    let c = exact_coefficient(coefficient);
                     chunk
                         .iter_mut()
                         .zip(noise.iter())
-                        .for_each(|(o, z)| *o += scale * z);
-                },
-            );
-    }
-
-    /// `out[i] = scale * z(seed, tensor, offset + i)` on every core: one rounding (the multiply),
-    /// the same on every platform.
-    pub fn fill_scaled(&self, tensor: u64, offset: u64, scale: f32, out: &mut [f32]) {
-        out.par_chunks_mut(PARALLEL_CHUNK)
-            .enumerate()
-            .for_each(|(i, chunk)| {
-                self.fill(tensor, offset + (i * PARALLEL_CHUNK) as u64, chunk);
-                chunk.iter_mut().for_each(|v| *v *= scale);
-            });
-    }
+                        .for_each(|(o, z)| *o += c * z);
+                }
+            },
+        );
 }
 
 #[cfg(test)]
@@ -289,5 +310,44 @@ mod tests {
         );
         let other = SeedNoise::new(2, NoiseDistribution::Binomial16);
         assert_ne!(whole(&other, 0, 64), whole(&noise, 0, 64), "seeds differ");
+    }
+
+    #[test]
+    fn truncated_coefficients_make_every_product_exact() {
+        let levels: Vec<f32> = (-8..=8).map(|k| k as f32 * 0.5).collect();
+        for raw in [3e-7f32, -1.234_567e-3, 0.1, 7.77e-7, 1.0 / 3.0] {
+            let c = exact_coefficient(raw);
+            assert!(((c - raw) / raw).abs() <= 2f32.powi(-21));
+            for &z in &levels {
+                // The product in f64 is exact; it must survive the round to f32 unchanged.
+                assert_eq!(f64::from(c * z), f64::from(c) * f64::from(z), "{c} * {z}");
+                assert_eq!(c.mul_add(z, 0.25), c * z + 0.25, "fused equals unfused");
+            }
+        }
+    }
+
+    #[test]
+    fn terms_apply_in_order_and_chunks_agree() {
+        let terms = [(3u64, 1e-3f32), (9, -2.5e-4), (3, 7e-6)];
+        for distribution in [NoiseDistribution::Binomial16, NoiseDistribution::Rademacher] {
+            let base: Vec<f32> = (0..200_003).map(|i| (i % 97) as f32 * 0.01).collect();
+            let mut whole = base.clone();
+            add_terms(distribution, 4, 0, &terms, &mut whole);
+
+            // By hand: one term after the other, each an exact product and a rounded add.
+            let mut expected = base.clone();
+            let mut z = vec![0.0f32; base.len()];
+            for &(seed, c) in &terms {
+                SeedNoise::new(seed, distribution).fill(4, 0, &mut z);
+                let c = exact_coefficient(c);
+                expected.iter_mut().zip(&z).for_each(|(w, z)| *w += c * z);
+            }
+            assert_eq!(whole, expected, "{distribution:?}");
+
+            // A piece starting mid-tensor addresses the same noise.
+            let mut piece = base[1000..5001].to_vec();
+            add_terms(distribution, 4, 1000, &terms, &mut piece);
+            assert_eq!(piece, whole[1000..5001], "{distribution:?}: offset");
+        }
     }
 }

@@ -5,9 +5,9 @@
 //! the same noise for the same weight.
 
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
-use crate::noise::SeedNoise;
+use crate::noise::{NoiseUpdate, SeedNoise, add_seed_noise};
 
 /// Adds `Σ coefficient · z(seed, tensor, ·)` to every float parameter.
 struct AddNoise<'a> {
@@ -20,31 +20,30 @@ impl ModuleMapper for AddNoise<'_> {
         let index = self.tensor;
         self.tensor += 1;
         let terms = self.terms;
-        param.map(|weight| {
-            let shape = weight.shape();
-            let n = shape.num_elements();
-            // The sum is formed on the host, term by term in the order given, each term one
-            // correctly rounded multiply and add: the same bits on every machine. Then one add
-            // on the parameter's device.
-            let mut update = vec![0.0f32; n];
-            for (i, (noise, coefficient)) in terms.iter().enumerate() {
-                if i == 0 {
-                    noise.fill_scaled(index, 0, *coefficient, &mut update);
-                } else {
-                    noise.accumulate_scaled(index, 0, *coefficient, &mut update);
-                }
+        param.map(|mut weight| {
+            // One device operation per run of terms sharing a distribution (in practice the
+            // whole list): terms apply one after the other either way, so splitting the list
+            // changes nothing.
+            for run in terms.chunk_by(|a, b| a.0.distribution() == b.0.distribution()) {
+                let update = NoiseUpdate {
+                    tensor: index,
+                    distribution: run[0].0.distribution(),
+                    terms: run.iter().map(|(n, c)| (n.seed(), *c)).collect(),
+                };
+                weight = add_seed_noise(weight, update);
             }
-            let device = weight.device();
-            weight + Tensor::from_data(TensorData::new(update, shape), &device)
+            weight
         })
     }
 }
 
-/// `w ← w + Σ_k coefficient_k · z_k` for every float parameter `w` of `module`.
+/// `w ← w + c_1 z_1 + c_2 z_2 + …` (left to right) for every float parameter `w` of `module`,
+/// on the device that holds it.
 ///
 /// One pass over the weights however many terms: a perturbation is one term, a replay of a
-/// round's seed updates is many. The parameter's new value is `w + u` with `u` rounded once
-/// per term on the host, so the result depends only on `module` and `terms` (in order).
+/// round's seed updates is many. Each term is an exact product and a rounded add, in order
+/// (see [`crate::noise::add_terms`]), so the result depends only on `module` and `terms`, on
+/// every backend.
 pub fn add_noise<M: Module>(module: M, terms: &[(SeedNoise, f32)]) -> M {
     if terms.is_empty() {
         return module;

@@ -40,16 +40,18 @@ pub struct StepOutcome {
 ///
 /// Step `t`: `w += ε z_t` → `L+`; `w -= 2ε z_t` → `L-`; `g = (L+ - L-) / 2ε`; then the restore
 /// and the update `w += (ε - lr g) z_t`. That last pass is not applied on its own: it is merged
-/// into step `t + 1`'s perturbation, `w += (ε - lr g_t) z_t + ε z_{t+1}`, summed on the host and
-/// added in one pass ([`add_noise`] with two terms). A step thus generates noise three times but
-/// reads and writes the weights twice; [`finish`](Self::finish) applies the last pending update.
+/// into step `t + 1`'s perturbation, `w += (ε - lr g_t) z_t` then `w += ε z_{t+1}` in the same
+/// pass over the weights ([`add_noise`] with two terms, each chunk of weights updated by both
+/// while it is in cache). A step thus generates noise three times but reads and writes the
+/// weights twice; [`finish`](Self::finish) applies the last pending update.
 ///
 /// Merging changes rounding: the weights after a step are `w - lr g z` up to the rounding of
 /// the adds, not bit for bit. That never reaches the global model: a round's local weights are
 /// discarded and every party rebuilds the global model by replaying seeds from the last global
 /// one (see [`super::round`]).
 ///
-/// Peak memory is the model plus two parameter tensors of noise.
+/// Peak memory is the model plus one small noise buffer per core: the weights are updated in
+/// place on the device that holds them.
 pub struct ZoSteps<M> {
     /// Always `Some` between calls; taken while [`add_noise`] consumes and rebuilds it.
     model: Option<M>,
