@@ -6,8 +6,12 @@ use std::time::Instant;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor, TensorData};
 use fedtune_shared::eval::batch_loss;
+use fedtune_shared::lora::attach::attach_fresh;
+use fedtune_shared::lora::train::{LoraTrainer, TrainConfig, TrainExample};
+use fedtune_shared::lora::{LoraConfig, LoraScaling, TargetModule};
 use fedtune_shared::model::{Llama, TokenBatch};
 use fedtune_shared::noise::{NoiseDistribution, SeedNoise};
+use fedtune_shared::peak_memory;
 use fedtune_shared::zo::step::{ZoStepConfig, ZoSteps};
 
 /// Timings of one benchmark, in seconds.
@@ -125,5 +129,64 @@ pub fn zo(model: Llama, seq_len: usize, warmup: usize, runs: usize) -> ZoTimings
         noise_s: (step - forward).max(0.0),
         forward_s: forward,
         noise_values_per_s: params as f64 / Timings::from_samples(fills).median_s,
+    }
+}
+
+/// Timings and memory of one LoRA training step.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoraTimings {
+    /// Median step (forward, backward, clipping, AdamW).
+    pub median_s: f64,
+    /// Fastest step.
+    pub min_s: f64,
+    /// Steps measured.
+    pub runs: usize,
+    /// The process's peak resident memory over loading and all steps.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Times LoRA training steps (batch 1, `seq_len` tokens, loss on every token) on `model`, which
+/// must live on an autodiff device.
+pub fn lora(
+    model: Llama,
+    seq_len: usize,
+    rank: usize,
+    targets: Vec<TargetModule>,
+    warmup: usize,
+    runs: usize,
+) -> LoraTimings {
+    let runs = runs.max(1);
+    let config = LoraConfig {
+        rank,
+        scaling: LoraScaling {
+            alpha: 2.0 * rank as f32,
+            rslora: false,
+        },
+        dropout: 0.05,
+        targets,
+    };
+    let ids: Vec<u32> = bench_ids(seq_len, model.vocab_size())
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let example = [TrainExample::text(ids)];
+    let mut model = attach_fresh(model, &config, 0);
+    let mut trainer = LoraTrainer::new(TrainConfig::default(), 0);
+    let mut samples = Vec::with_capacity(runs);
+    for i in 0..warmup + runs {
+        let start = Instant::now();
+        let loss;
+        (model, loss) = trainer.step(model, &example);
+        assert!(loss.is_some(), "the benchmark sequence has targets");
+        if i >= warmup {
+            samples.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let t = Timings::from_samples(samples);
+    LoraTimings {
+        median_s: t.median_s,
+        min_s: t.min_s,
+        runs: t.runs,
+        peak_rss_bytes: peak_memory::peak_rss_bytes(),
     }
 }

@@ -14,6 +14,7 @@ use fedtune_shared::checkpoint::WeightSource;
 use fedtune_shared::device::BackendKind;
 use fedtune_shared::eval::mean_next_token_nll;
 use fedtune_shared::generate::{GenerationConfig, generate};
+use fedtune_shared::lora::TargetModule;
 use fedtune_shared::pretrained::Pretrained;
 use fedtune_shared::tokenizer::ChatMessage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -182,6 +183,29 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One LoRA training step (forward, backward, AdamW), batch 1, and the peak memory.
+    Lora {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Tokens in the sequence.
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        /// Adapter rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Projections with adapters (comma-separated).
+        #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Measured runs.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Unmeasured warm-up runs.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Print JSON: {"median_s": X, "peak_rss_bytes": Y}.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The values `--backend` accepts.
@@ -209,9 +233,15 @@ impl ModelArgs {
     }
 
     fn load(&self, quiet: bool) -> anyhow::Result<Pretrained> {
+        self.load_on(quiet, false)
+    }
+
+    /// Loads onto the backend's device, with autodiff when `training` (backprop through LoRA).
+    fn load_on(&self, quiet: bool, training: bool) -> anyhow::Result<Pretrained> {
         let path = self.path()?;
         let backend: BackendKind = self.backend.parse().map_err(anyhow::Error::msg)?;
         let device = backend.device()?;
+        let device = if training { device.autodiff() } else { device };
         let bar = if quiet {
             ProgressBar::hidden()
         } else {
@@ -396,6 +426,45 @@ fn main() -> anyhow::Result<()> {
                     println!(
                         "| zo step | {} | {seq_len} | {runs} | {:.4} | {:.4} | {:.4} | {:.3e} |",
                         model.backend, t.median_s, t.noise_s, t.forward_s, t.noise_values_per_s
+                    );
+                }
+            }
+            BenchCommand::Lora {
+                model,
+                seq_len,
+                rank,
+                targets,
+                runs,
+                warmup,
+                json,
+            } => {
+                if seq_len < 2 || rank == 0 {
+                    bail!("--seq-len must be at least 2 and --rank positive");
+                }
+                let targets = targets
+                    .iter()
+                    .map(|t| t.parse::<TargetModule>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?;
+                let pretrained = model.load_on(json, true)?;
+                let t = bench::lora(pretrained.model, seq_len, rank, targets, warmup, runs);
+                if json {
+                    println!("{}", serde_json::to_string(&t)?);
+                } else {
+                    println!(
+                        "| benchmark | backend | seq_len | rank | runs | step median (s) | min (s) | peak RSS (MiB) |"
+                    );
+                    println!("|---|---|---|---|---|---|---|---|");
+                    println!(
+                        "| lora step | {} | {seq_len} | {rank} | {} | {:.4} | {:.4} | {} |",
+                        model.backend,
+                        t.runs,
+                        t.median_s,
+                        t.min_s,
+                        t.peak_rss_bytes.map_or("n/a".to_string(), |b| format!(
+                            "{:.0}",
+                            b as f64 / 1048576.0
+                        ))
                     );
                 }
             }

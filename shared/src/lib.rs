@@ -1,18 +1,21 @@
 //! fedtune-shared: what fedtune's client and server both need: the Llama-family model in burn,
-//! checkpoint readers, the tokenizer, and (in later modules) the federated algorithms and the
-//! wire protocol.
+//! checkpoint readers, the tokenizer, the federated algorithms (FedKSeed in [`zo`], LoRA in
+//! [`lora`], the per-device [`bandit`]) and, in later modules, the wire protocol.
 
 #![warn(missing_docs, unreachable_pub)]
 // One audited `unsafe` block per checkpoint format maps files into memory (see `checkpoint`).
 #![deny(unsafe_code)]
 
+pub mod bandit;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod eval;
 pub mod generate;
+pub mod lora;
 pub mod model;
 pub mod noise;
+pub mod peak_memory;
 pub mod pretrained;
 pub mod tokenizer;
 pub mod zo;

@@ -2,4 +2,4 @@
 
 pub mod perplexity;
 
-pub use perplexity::{batch_loss, mean_next_token_nll, token_nlls};
+pub use perplexity::{batch_loss, mean_next_token_nll, next_token_nll, token_nlls};

@@ -5,14 +5,18 @@ use burn::tensor::{Int, Tensor};
 
 use crate::model::{Llama, TokenBatch};
 
-/// Per-position negative log-likelihood (natural log) of each token given its prefix.
+/// Negative log-likelihood of every next token, as a tensor (differentiable when the model is on
+/// an autodiff device).
 ///
-/// Row `b` yields `lengths[b] - 1` values: the NLL of `ids[b][1..len]`.
-pub fn token_nlls(model: &Llama, batch: &TokenBatch) -> Vec<Vec<f32>> {
-    let [rows, seq] = batch.dims();
-    if seq < 2 {
-        return vec![Vec::new(); rows];
-    }
+/// # Shapes
+/// - output: `[batch, seq - 1]`: position `t` is the NLL of `ids[t + 1]`; padding positions
+///   hold values callers must mask.
+///
+/// # Panics
+/// When the batch has fewer than two positions.
+pub fn next_token_nll(model: &Llama, batch: &TokenBatch) -> Tensor<2> {
+    let [_, seq] = batch.dims();
+    assert!(seq >= 2, "next-token losses need two positions");
     // The last position predicts nothing here: drop it before the output head, not after.
     let lengths = batch.is_padded().then_some(batch.lengths.as_slice());
     let hidden = model
@@ -23,10 +27,20 @@ pub fn token_nlls(model: &Llama, batch: &TokenBatch) -> Vec<Vec<f32>> {
     // -log softmax(x)[t] = logsumexp(x) - x[t]: only the target's log-probability is needed,
     // so the full log-softmax over the vocabulary is never materialised.
     let picked = logits.clone().gather(2, targets);
-    let max = logits.clone().max_dim(2);
+    let max = logits.clone().max_dim(2).detach();
     let logsumexp = (logits - max.clone()).exp().sum_dim(2).log() + max;
-    let nll = logsumexp - picked;
-    let values: Vec<f32> = nll
+    (logsumexp - picked).squeeze_dim(2)
+}
+
+/// Per-position negative log-likelihood (natural log) of each token given its prefix.
+///
+/// Row `b` yields `lengths[b] - 1` values: the NLL of `ids[b][1..len]`.
+pub fn token_nlls(model: &Llama, batch: &TokenBatch) -> Vec<Vec<f32>> {
+    let [rows, seq] = batch.dims();
+    if seq < 2 {
+        return vec![Vec::new(); rows];
+    }
+    let values: Vec<f32> = next_token_nll(model, batch)
         .into_data()
         .try_into_vec_as()
         .expect("losses are float32");

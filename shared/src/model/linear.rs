@@ -10,13 +10,18 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor, TensorData, assert_shape};
 
-/// `y = x W + b` with `W` of shape `[d_input, d_output]`.
+use crate::lora::LoraLayer;
+
+/// `y = x W + b` with `W` of shape `[d_input, d_output]`, plus `s · x A B` when a LoRA adapter
+/// is attached.
 #[derive(Module, Debug)]
 pub struct Linear {
     /// Weight `[d_input, d_output]`: column `j` holds output unit `j`'s input weights.
     pub weight: Param<Tensor<2>>,
     /// Optional bias `[d_output]` (Llama has none; pruning with bias compensation adds one).
     pub bias: Option<Param<Tensor<1>>>,
+    /// A LoRA adapter, trained while `weight` stays frozen (see [`crate::lora`]).
+    pub adapter: Option<LoraLayer>,
 }
 
 impl Linear {
@@ -45,6 +50,7 @@ impl Linear {
         Self {
             weight: Param::from_tensor(weight),
             bias: None,
+            adapter: None,
         }
     }
 
@@ -72,7 +78,15 @@ impl Linear {
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let (d_input, _) = self.dims();
         assert_shape!(input, [.., d_input]);
-        burn::tensor::module::linear(input, self.weight.val(), self.bias.as_ref().map(Param::val))
+        let base = burn::tensor::module::linear(
+            input.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(Param::val),
+        );
+        match &self.adapter {
+            Some(adapter) => base + adapter.forward(input),
+            None => base,
+        }
     }
 }
 
