@@ -3,12 +3,13 @@
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
-use fedtune_shared::data::shakespeare::by_role;
+use anyhow::bail;
 use fedtune_shared::pretrained::Pretrained;
 use fedtune_shared::zo::federation::{FederationConfig, heldout_loss, run_federation};
 use fedtune_shared::zo::round::ZoRunConfig;
 use serde_json::json;
+
+use crate::role_clients::{RoleClients, role_clients};
 
 /// Settings from the command line.
 #[derive(Debug, Clone)]
@@ -35,53 +36,26 @@ pub struct Settings {
 
 /// Runs the federation and prints a line per round.
 pub fn run(pretrained: Pretrained, texts: &Path, settings: &Settings) -> anyhow::Result<()> {
-    let path = texts.join(format!("{}_gut.txt", settings.play));
-    let play =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let mut roles: Vec<(String, Vec<String>)> = by_role(&play, 10).into_iter().collect();
-    roles.sort_by_key(|(name, speeches)| (std::cmp::Reverse(speeches.len()), name.clone()));
-    if roles.len() < settings.clients
-        || settings.clients < settings.per_round
-        || settings.per_round == 0
-    {
+    if settings.clients < settings.per_round || settings.per_round == 0 {
         bail!(
-            "{} has {} roles with 10 or more speeches; asked for {} clients, {} per round",
-            path.display(),
-            roles.len(),
+            "asked for {} clients, {} per round",
             settings.clients,
             settings.per_round
         );
     }
     let tokenizer = &pretrained.tokenizer;
-    let encode = |text: &str| -> anyhow::Result<Vec<u32>> {
-        let mut ids = tokenizer.encode(text)?;
-        ids.truncate(settings.seq_len);
-        Ok(ids)
-    };
-    // Every fifth speech of a client's role is held out: same voices, unseen lines.
-    let mut clients = Vec::new();
-    let mut heldout = Vec::new();
-    for (_, speeches) in roles.iter().take(settings.clients) {
-        let mut train = Vec::new();
-        for (i, speech) in speeches.iter().enumerate() {
-            let ids = encode(speech)?;
-            if ids.len() < 2 {
-                continue;
-            }
-            if i % 5 == 4 {
-                heldout.push(ids)
-            } else {
-                train.push(ids)
-            }
-        }
-        clients.push(train);
-    }
-    heldout.truncate(settings.heldout);
-    let names: Vec<&str> = roles
-        .iter()
-        .take(settings.clients)
-        .map(|(n, _)| n.as_str())
-        .collect();
+    let RoleClients {
+        names,
+        train: clients,
+        heldout,
+    } = role_clients(
+        texts,
+        &settings.play,
+        settings.clients,
+        settings.seq_len,
+        settings.heldout,
+        tokenizer,
+    )?;
     let pad = tokenizer.pad_id().unwrap_or(0);
     let before = heldout_loss(&pretrained.model, &heldout, pad);
     if settings.json {

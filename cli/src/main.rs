@@ -4,6 +4,8 @@
 mod bench;
 mod fedkseed;
 mod fetch;
+mod lora;
+mod role_clients;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,10 +13,14 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use fedtune_shared::checkpoint::WeightSource;
+use fedtune_shared::checkpoint::export::write_hf_folder;
 use fedtune_shared::device::BackendKind;
 use fedtune_shared::eval::mean_next_token_nll;
 use fedtune_shared::generate::{GenerationConfig, generate};
 use fedtune_shared::lora::TargetModule;
+use fedtune_shared::lora::aggregation::AggregationStrategy;
+use fedtune_shared::lora::attach::{attach_weights, merge};
+use fedtune_shared::lora::peft::read_peft_adapter;
 use fedtune_shared::pretrained::Pretrained;
 use fedtune_shared::tokenizer::ChatMessage;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -130,6 +136,65 @@ enum Command {
         /// One JSON object per round.
         #[arg(long)]
         json: bool,
+    },
+    /// Federated LoRA in process: one client per speaking role of a Shakespeare play, each at
+    /// the rank its bandit picks (devices of simulated speeds), aggregated across ranks.
+    Lora {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The play (file stem in the corpus).
+        #[arg(long, default_value = "romeo_and_juliet")]
+        play: String,
+        /// Clients (the roles with the most speeches).
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Clients sampled per round.
+        #[arg(long, default_value_t = 4)]
+        per_round: usize,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// Optimiser steps per client per round.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Ranks the bandits choose from (comma-separated).
+        #[arg(long, default_value = "2,4,8", value_delimiter = ',')]
+        ranks: Vec<usize>,
+        /// Projections with adapters (comma-separated).
+        #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+        targets: Vec<String>,
+        /// Aggregation: flex-lora, het-lora or fed-avg (equal ranks only).
+        #[arg(long, default_value = "flex-lora")]
+        strategy: String,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 5e-4)]
+        lr: f64,
+        /// Tokens per training sequence.
+        #[arg(long, default_value_t = 64)]
+        seq_len: usize,
+        /// Seed of the run.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Most held-out speeches evaluated each round.
+        #[arg(long, default_value_t = 24)]
+        heldout: usize,
+        /// Write the final global adapter here as a Hugging Face PEFT folder.
+        #[arg(long)]
+        save_adapter: Option<PathBuf>,
+        /// One JSON object per round.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold a PEFT LoRA adapter into its base model and write a Hugging Face safetensors model.
+    Merge {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (config.json + model.safetensors).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models folder.
     FetchModel {
@@ -469,6 +534,74 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         },
+        Command::Lora {
+            model,
+            play,
+            clients,
+            per_round,
+            rounds,
+            steps,
+            ranks,
+            targets,
+            strategy,
+            lr,
+            seq_len,
+            seed,
+            heldout,
+            save_adapter,
+            json,
+        } => {
+            let strategy = match strategy.as_str() {
+                "flex-lora" => AggregationStrategy::FlexLora,
+                "het-lora" => AggregationStrategy::HetLora,
+                "fed-avg" => AggregationStrategy::FedAvg,
+                other => bail!("unknown --strategy `{other}` (flex-lora, het-lora or fed-avg)"),
+            };
+            let targets = targets
+                .iter()
+                .map(|t| t.parse::<TargetModule>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let texts = fetch::ensure_shakespeare(&fetch::data_dir())?;
+            let pretrained = model.load_on(json, true)?;
+            let settings = lora::Settings {
+                play,
+                clients,
+                per_round,
+                rounds,
+                steps,
+                ranks,
+                targets,
+                strategy,
+                lr,
+                seq_len,
+                seed,
+                heldout,
+                save_adapter,
+                json,
+            };
+            lora::run(pretrained, &texts, &settings)?;
+        }
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            let (weights, _) = read_peft_adapter(&adapter)
+                .with_context(|| format!("reading the adapter {}", adapter.display()))?;
+            let pretrained = model.load(false)?;
+            let adapted = attach_weights(pretrained.model, &weights, 0.0)
+                .context("the adapter does not fit this model")?;
+            let merged = merge(adapted);
+            write_hf_folder(&merged.to_source(&pretrained.config), &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "merged a rank-{} adapter on {} projections into {}",
+                weights.rank,
+                weights.layers.len(),
+                out.display()
+            );
+        }
         Command::Fedkseed {
             model,
             play,

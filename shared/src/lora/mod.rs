@@ -12,6 +12,7 @@ pub mod adapter;
 pub mod aggregation;
 pub mod attach;
 pub mod config;
+pub mod federation;
 pub mod layer;
 pub mod peft;
 pub mod train;

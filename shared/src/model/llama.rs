@@ -11,7 +11,7 @@ use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
-use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, WeightSource};
+use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, MemorySource, WeightSource};
 
 /// A Llama-family causal language model.
 #[derive(Module, Debug)]
@@ -96,6 +96,42 @@ impl Llama {
             lm_head,
             rope_theta: config.rope_theta,
         })
+    }
+
+    /// The weights as a checkpoint holds them (Hugging Face names and orientation), for export.
+    ///
+    /// `config` must be the configuration the model was loaded with.
+    pub fn to_source(&self, config: &crate::model::LlamaConfig) -> MemorySource {
+        let values = |t: Tensor<1>| -> Vec<f32> {
+            t.into_data()
+                .try_into_vec_as()
+                .expect("weights are float32")
+        };
+        let mut source = MemorySource::new(config.clone());
+        source.insert(
+            LlamaTensor::Embed,
+            values(self.embed_tokens.val().flatten(0, 1)),
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut put = |t: LayerTensor, v: Vec<f32>| source.insert(LlamaTensor::Layer(i, t), v);
+            put(LayerTensor::AttnNorm, values(layer.input_norm.gamma.val()));
+            put(LayerTensor::Q, layer.attention.q_proj.checkpoint_values());
+            put(LayerTensor::K, layer.attention.k_proj.checkpoint_values());
+            put(LayerTensor::V, layer.attention.v_proj.checkpoint_values());
+            put(LayerTensor::O, layer.attention.o_proj.checkpoint_values());
+            put(
+                LayerTensor::MlpNorm,
+                values(layer.post_attention_norm.gamma.val()),
+            );
+            put(LayerTensor::Gate, layer.mlp.gate_proj.checkpoint_values());
+            put(LayerTensor::Up, layer.mlp.up_proj.checkpoint_values());
+            put(LayerTensor::Down, layer.mlp.down_proj.checkpoint_values());
+        }
+        source.insert(LlamaTensor::FinalNorm, values(self.norm.gamma.val()));
+        if let Some(head) = &self.lm_head {
+            source.insert(LlamaTensor::LmHead, head.checkpoint_values());
+        }
+        source
     }
 
     /// The device the weights live on.
