@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use burn::tensor::Device;
 
@@ -35,13 +36,21 @@ pub struct DeviceError {
 impl BackendKind {
     /// Opens the backend's default device. For wgpu this initialises the adapter now, so a
     /// machine without a usable GPU driver gets an error here instead of a panic later.
+    ///
+    /// wgpu's runtime can be initialised once per process (a second `init` fails with "Service
+    /// already initialized"), so the first outcome is kept and every later call, from any
+    /// thread, gets the same device or the same error.
     pub fn device(self) -> Result<Device, DeviceError> {
+        static WGPU: OnceLock<Result<Device, String>> = OnceLock::new();
         match self {
             Self::Cpu => Ok(Device::flex()),
-            Self::Wgpu => Device::wgpu_options().init().map_err(|e| DeviceError {
-                backend: self,
-                reason: e.to_string(),
-            }),
+            Self::Wgpu => WGPU
+                .get_or_init(|| Device::wgpu_options().init().map_err(|e| e.to_string()))
+                .clone()
+                .map_err(|reason| DeviceError {
+                    backend: self,
+                    reason,
+                }),
             #[cfg(feature = "ndarray-comparison")]
             #[allow(deprecated)] // measuring the deprecated backend is the point
             Self::NdArray => Ok(Device::ndarray()),
