@@ -327,6 +327,15 @@ impl ModelArgs {
     }
 }
 
+/// `--targets q_proj,v_proj` as target modules.
+fn parse_targets(names: &[String]) -> anyhow::Result<Vec<TargetModule>> {
+    names
+        .iter()
+        .map(|t| t.parse::<TargetModule>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -506,11 +515,7 @@ fn main() -> anyhow::Result<()> {
                 if seq_len < 2 || rank == 0 {
                     bail!("--seq-len must be at least 2 and --rank positive");
                 }
-                let targets = targets
-                    .iter()
-                    .map(|t| t.parse::<TargetModule>())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(anyhow::Error::msg)?;
+                let targets = parse_targets(&targets)?;
                 let pretrained = model.load_on(json, true)?;
                 let t = bench::lora(pretrained.model, seq_len, rank, targets, warmup, runs);
                 if json {
@@ -557,11 +562,7 @@ fn main() -> anyhow::Result<()> {
                 "fed-avg" => AggregationStrategy::FedAvg,
                 other => bail!("unknown --strategy `{other}` (flex-lora, het-lora or fed-avg)"),
             };
-            let targets = targets
-                .iter()
-                .map(|t| t.parse::<TargetModule>())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(anyhow::Error::msg)?;
+            let targets = parse_targets(&targets)?;
             let texts = fetch::ensure_shakespeare(&fetch::data_dir())?;
             let pretrained = model.load_on(json, true)?;
             let settings = lora::Settings {

@@ -6,21 +6,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use fedtune_shared::checkpoint::MemorySource;
-use fedtune_shared::device::BackendKind;
 use fedtune_shared::model::{Llama, LlamaConfig, TokenBatch};
-
-fn wgpu_device() -> Option<Device> {
-    match BackendKind::Wgpu.device() {
-        Ok(device) => Some(device),
-        Err(e) if std::env::var("FEDTUNE_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
-            panic!("FEDTUNE_REQUIRE_WGPU=1 but {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-    }
-}
+use fedtune_tests::wgpu_device;
 
 fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -8,23 +8,10 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use fedtune_shared::checkpoint::MemorySource;
-use fedtune_shared::device::BackendKind;
 use fedtune_shared::model::{Llama, LlamaConfig};
 use fedtune_shared::noise::{NoiseDistribution, NoiseUpdate, SeedNoise, add_seed_noise, add_terms};
 use fedtune_shared::zo::perturb::add_noise;
-
-fn wgpu_device() -> Option<Device> {
-    match BackendKind::Wgpu.device() {
-        Ok(device) => Some(device),
-        Err(e) if std::env::var("FEDTUNE_REQUIRE_WGPU").is_ok_and(|v| v == "1") => {
-            panic!("FEDTUNE_REQUIRE_WGPU=1 but {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-    }
-}
+use fedtune_tests::wgpu_device;
 
 fn bits(values: &[f32]) -> Vec<u32> {
     values.iter().map(|v| v.to_bits()).collect()
