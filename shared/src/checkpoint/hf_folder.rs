@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::CheckpointError;
@@ -134,26 +135,7 @@ impl WeightSource for HfFolder {
         let view = tensors
             .tensor(&tensor_name)
             .map_err(|e| bad(e.to_string()))?;
-        let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(bad(format!(
-                    "dtype {other:?} is not supported (F32, F16, BF16 are)"
-                )));
-            }
-        };
+        let values = safetensors_values(&view).map_err(bad)?;
         check_tensor(
             path,
             &tensor_name,
@@ -164,4 +146,29 @@ impl WeightSource for HfFolder {
         )?;
         Ok(values)
     }
+}
+
+/// The values of a safetensors tensor as f32, from F32, F16 or BF16 (little-endian, as the
+/// format stores them); the widening from F16 and BF16 is exact. The error names the dtype.
+pub(crate) fn safetensors_values(view: &TensorView<'_>) -> Result<Vec<f32>, String> {
+    let data = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other:?} is not supported (F32, F16, BF16 are)"
+            ));
+        }
+    })
 }

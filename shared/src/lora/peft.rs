@@ -56,11 +56,11 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{Map, Value};
 
+use crate::checkpoint::hf_folder::safetensors_values;
 use crate::lora::adapter::{AdaptedLayer, AdapterWeights, LoraFactors, LoraScaling, TargetModule};
 
 /// The config's file name in an adapter folder (PEFT's `CONFIG_NAME`).
@@ -1317,7 +1317,7 @@ fn decode_weights(
                 found: rank,
             });
         }
-        let values = decode_values(&view).map_err(|reason| bad(&name, reason))?;
+        let values = safetensors_values(&view).map_err(|reason| bad(&name, reason))?;
         if values.len() != rows * cols {
             // The safetensors reader already ties the byte length to the shape. This stays as
             // a guard in case that ever changes.
@@ -1418,31 +1418,6 @@ fn decode_weights(
         }
     }
     Ok(layers)
-}
-
-/// The values of a tensor as f32, from F32, F16 or BF16 (little-endian, as safetensors stores
-/// them). The widening from F16 and BF16 is exact.
-fn decode_values(view: &TensorView<'_>) -> Result<Vec<f32>, String> {
-    let data = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(format!(
-                "dtype {other:?} is not supported (F32, F16, BF16 are)"
-            ));
-        }
-    })
 }
 
 /// The first NaN or infinity and its index.
@@ -1560,6 +1535,7 @@ fn check_shared_dims(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::{bf16, f16};
 
     /// A Llama-shaped layer: hidden 8, attention 8, key/value 4, intermediate 12.
     fn dims(target: TargetModule) -> (usize, usize) {

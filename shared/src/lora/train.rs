@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
@@ -252,12 +252,11 @@ pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f3
         grads: &'a mut GradientsParams,
         factor: f32,
     }
-    impl ModuleMapper for Scale<'_> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    impl ModuleVisitor for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.remove::<D>(param.id) {
                 self.grads.register(param.id, g * self.factor);
             }
-            param
         }
     }
 
@@ -269,8 +268,7 @@ pub fn clip_global_norm(model: &Llama, grads: &mut GradientsParams, max_norm: f3
     let norm = total.into_scalar::<f32>().sqrt();
     if norm > max_norm {
         let factor = max_norm / (norm + 1e-6);
-        // Mapping a clone only walks the parameters; the model's tensors are shared, not copied.
-        let _ = model.clone().map(&mut Scale { grads, factor });
+        model.visit(&mut Scale { grads, factor });
     }
     norm
 }
