@@ -1,9 +1,22 @@
-//! fedtune-client: the SDK a device embeds to take part in federated fine-tuning.
+//! fedtune's device SDK: what an app (or the `fedtune client` CLI) embeds to take part in
+//! federated fine-tuning. It enrolls the device, connects to the pinned server, trains when the
+//! app's policy allows, and keeps its state on disk so a killed app resumes.
 //!
-//! Today it re-exports the shared model stack; the local training loops, on-device state and the
-//! client side of the protocol arrive with the algorithm and network issues.
+//! - [`client`]: the main loop ([`Client`], [`ClientHandle`]);
+//! - [`connection`]: QUIC with the pinned certificate and the per-connection key proof;
+//! - [`trainer`]: the local model and the work a plan asks for;
+//! - [`state`]: the durable state folder;
+//! - [`policy`]: when training may run; [`events`]: progress for the app.
 
-#![warn(missing_docs, unreachable_pub)]
-#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-pub use fedtune_shared as shared;
+pub mod client;
+pub mod connection;
+pub mod events;
+pub mod policy;
+pub mod state;
+pub mod trainer;
+
+pub use client::{Client, ClientConfig, ClientError, ClientHandle, Outcome};
+pub use events::{Event, EventListener};
+pub use policy::{Always, ChargingUnmeteredIdle, DeviceConditions, TrainingPolicy};

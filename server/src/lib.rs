@@ -1,9 +1,74 @@
-//! fedtune-server: the aggregation daemon.
+//! fedtune's aggregation daemon: round orchestration over QUIC, device enrollment and
+//! authentication, validation of every report, durable state, metrics.
 //!
-//! Round orchestration, the device registry, the durable store and the QUIC transport arrive with
-//! the network issue; this crate already depends on the shared model stack it will drive.
+//! - [`config`]: `server.toml`;
+//! - [`rounds`]: the orchestrator, a state machine without I/O;
+//! - [`algorithm`]: what each algorithm does on the server (plans, validation, aggregation);
+//! - [`registry`]: devices, enrollment tokens, keys, revocation;
+//! - [`store`]: durable records (redb) and checkpoints;
+//! - [`identity`]: the server's TLS certificate and plan-signing key;
+//! - [`daemon`]: the core that answers requests; [`transport`]: QUIC; [`metrics`]: Prometheus.
 
-#![warn(missing_docs, unreachable_pub)]
-#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-pub use fedtune_shared as shared;
+pub mod algorithm;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod metrics;
+pub mod registry;
+pub mod rounds;
+pub mod store;
+pub mod transport;
+
+use std::sync::Arc;
+
+pub use config::ServerConfig;
+pub use daemon::{Core, DaemonError};
+
+/// Opens the state for `config`, writes `server-identity.json` into the state folder, binds the
+/// QUIC and metrics ports, and serves until SIGTERM or Ctrl-C.
+pub async fn run(config: ServerConfig) -> Result<(), DaemonError> {
+    let listen = config.listen;
+    let metrics_addr = config.metrics;
+    let core = Arc::new(tokio::task::block_in_place(|| Core::open(config))?);
+    let listener = transport::Listener::bind(core.clone(), listen)?;
+    let bound = listener.local_addr()?;
+    let mut address = core.config().public_address();
+    if address.port() == 0 {
+        address.set_port(bound.port());
+    }
+    let identity_path = core.config().state_dir.join("server-identity.json");
+    core.keys()
+        .identity(address)
+        .save(&identity_path)
+        .map_err(|e| DaemonError::Network(e.to_string()))?;
+    if let Some(addr) = metrics_addr {
+        let bound = metrics::serve(addr, core.metrics().clone())
+            .await
+            .map_err(|e| DaemonError::Network(format!("metrics {addr}: {e}")))?;
+        tracing::info!(%bound, "metrics endpoint");
+    }
+    tracing::info!(%bound, identity = %identity_path.display(), "serving");
+    listener.serve(shutdown_signal()).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -17,5 +17,8 @@ pub mod model;
 pub mod noise;
 pub mod peak_memory;
 pub mod pretrained;
+pub mod protocol;
 pub mod tokenizer;
+#[cfg(feature = "net")]
+pub mod transport;
 pub mod zo;

@@ -6,6 +6,7 @@ use super::adapter::{LoraScaling, TargetModule};
 
 /// LoRA settings of one device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LoraConfig {
     /// Rank `r`.
     pub rank: usize,

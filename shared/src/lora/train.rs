@@ -38,6 +38,7 @@ impl TrainExample {
 
 /// Optimiser and schedule settings (the usual PEFT fine-tuning defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct TrainConfig {
     /// Peak learning rate.
     pub lr: f64,

@@ -18,6 +18,7 @@ use crate::noise::{NoiseDistribution, SeedNoise};
 
 /// A run's fixed settings, shared by server and clients.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct ZoRunConfig {
     /// Seed the candidate seeds derive from.
     pub run_seed: u64,

@@ -1,0 +1,92 @@
+//! The device's connection to the server: QUIC with the pinned certificate, the per-connection
+//! proof of the device key, and request/response exchanges.
+
+use std::net::SocketAddr;
+
+use fedtune_shared::protocol::auth::{
+    CONNECTION_LABEL, EXPORTER_LABEL, EXPORTER_LEN, connection_proof_message,
+};
+use fedtune_shared::protocol::{
+    AuthenticateRequest, DeviceId, MAX_RESPONSE_FRAME, Request, Response, SigningKey,
+};
+use fedtune_shared::transport::TransportError;
+use fedtune_shared::transport::stream::{read_message, write_message};
+use fedtune_shared::transport::tls::{SERVER_NAME, client_config};
+
+/// An open connection.
+pub struct Connection {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+}
+
+impl Connection {
+    /// Connects to `address`, trusting only `pinned_cert_der`.
+    pub async fn open(address: SocketAddr, pinned_cert_der: &[u8]) -> Result<Self, TransportError> {
+        let config = client_config(pinned_cert_der)?;
+        let bind: SocketAddr = if address.is_ipv6() {
+            "[::]:0"
+                .parse()
+                .map_err(|_| TransportError::Connect("bind address".into()))?
+        } else {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| TransportError::Connect("bind address".into()))?
+        };
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| TransportError::Connect(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        let connection = endpoint
+            .connect(address, SERVER_NAME)
+            .map_err(|e| TransportError::Connect(e.to_string()))?
+            .await?;
+        Ok(Self {
+            endpoint,
+            connection,
+        })
+    }
+
+    /// One exchange. A [`Response::Error`] becomes [`TransportError::Refused`].
+    pub async fn request(&self, request: &Request) -> Result<Response, TransportError> {
+        let (mut send, mut recv) = self.connection.open_bi().await?;
+        write_message(&mut send, request).await?;
+        let _ = send.finish();
+        match read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME).await? {
+            Response::Error(e) => Err(TransportError::Refused(e)),
+            response => Ok(response),
+        }
+    }
+
+    /// Proves the device key on this connection.
+    pub async fn authenticate(
+        &self,
+        device: DeviceId,
+        key: &SigningKey,
+    ) -> Result<(), TransportError> {
+        let mut exporter = [0u8; EXPORTER_LEN];
+        self.connection
+            .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+            .map_err(|_| TransportError::Connect("TLS exporter unavailable".into()))?;
+        let signature = key.sign(CONNECTION_LABEL, &connection_proof_message(&exporter));
+        match self
+            .request(&Request::Authenticate(AuthenticateRequest {
+                device,
+                signature,
+            }))
+            .await?
+        {
+            Response::Authenticated => Ok(()),
+            other => Err(TransportError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The underlying QUIC connection (to open raw streams, e.g. in tests of hostile input).
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// Closes the connection and waits until the server knows.
+    pub async fn close(self) {
+        self.connection.close(0u32.into(), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}

@@ -1,0 +1,159 @@
+//! The device's model and the local work a plan asks for. Plain synchronous code over the
+//! shared algorithms; the SDK runs it on a blocking thread.
+
+use fedtune_shared::model::Llama;
+use fedtune_shared::protocol::LocalStats;
+use fedtune_shared::zo::federation::local_round;
+use fedtune_shared::zo::round::{ClientReport, HistoryDelta, RoundPlan, ZoRunConfig, replay};
+use fedtune_shared::zo::seed_pool::SeedPool;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// The device's training data, already tokenized.
+#[derive(Debug, Clone, Default)]
+pub struct TrainingData {
+    /// Token sequences (FedKSeed trains next-token prediction on them).
+    pub sequences: Vec<Vec<u32>>,
+    /// Padding token of batches.
+    pub pad_id: u32,
+}
+
+/// Why local work failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The device has no data to train on.
+    #[error("no training data")]
+    NoData,
+    /// The plan's catch-up does not continue the device's history.
+    #[error("history gap: the device holds round {held}, the plan's catch-up starts at {starts}")]
+    HistoryGap {
+        /// Last round the device holds.
+        held: u64,
+        /// First round the plan carries.
+        starts: u64,
+    },
+    /// The run's settings changed under the device.
+    #[error("the plan's FedKSeed settings differ from those the device's history was made with")]
+    SettingsChanged,
+}
+
+/// A device's copy of the global model under FedKSeed: the base model plus the history deltas
+/// it has replayed.
+#[derive(Clone)]
+pub struct FedKSeedModel {
+    base: Llama,
+    current: Llama,
+    held_round: u64,
+    settings: Option<(ZoRunConfig, SeedPool)>,
+}
+
+impl FedKSeedModel {
+    /// The base model, no history applied.
+    pub fn new(base: Llama) -> Self {
+        Self {
+            current: base.clone(),
+            base,
+            held_round: 0,
+            settings: None,
+        }
+    }
+
+    /// Back to the base model (a new run).
+    pub fn reset(&mut self) {
+        self.current = self.base.clone();
+        self.held_round = 0;
+        self.settings = None;
+    }
+
+    /// The last round applied.
+    pub fn held_round(&self) -> u64 {
+        self.held_round
+    }
+
+    /// The current weights.
+    pub fn model(&self) -> &Llama {
+        &self.current
+    }
+
+    /// Replays deltas (oldest first) that are newer than what the model holds; returns those
+    /// it applied, for the device to store.
+    pub fn catch_up(
+        &mut self,
+        config: &ZoRunConfig,
+        deltas: &[HistoryDelta],
+    ) -> Result<Vec<HistoryDelta>, TrainError> {
+        match &self.settings {
+            Some((held, _)) if held != config => return Err(TrainError::SettingsChanged),
+            Some(_) => {}
+            None => {
+                self.settings = Some((
+                    config.clone(),
+                    SeedPool::new(config.run_seed, config.k as usize),
+                ))
+            }
+        }
+        let mut applied = Vec::new();
+        for delta in deltas {
+            if delta.round <= self.held_round {
+                continue;
+            }
+            if delta.round != self.held_round + 1 {
+                return Err(TrainError::HistoryGap {
+                    held: self.held_round,
+                    starts: delta.round,
+                });
+            }
+            if let Some((config, pool)) = &self.settings {
+                self.current = replay(self.current.clone(), config, pool, delta);
+            }
+            self.held_round = delta.round;
+            applied.push(delta.clone());
+        }
+        Ok(applied)
+    }
+
+    /// Catches up with the plan, then runs its τ local steps with the plan's local seed.
+    pub fn train(
+        &mut self,
+        plan: &RoundPlan,
+        batch_size: usize,
+        local_seed: u64,
+        data: &TrainingData,
+    ) -> Result<(Vec<HistoryDelta>, ClientReport, LocalStats), TrainError> {
+        if data.sequences.is_empty() {
+            return Err(TrainError::NoData);
+        }
+        let applied = self.catch_up(&plan.config, &plan.catch_up)?;
+        if self.held_round + 1 != plan.round {
+            return Err(TrainError::HistoryGap {
+                held: self.held_round,
+                starts: plan.round,
+            });
+        }
+        let pool = match &self.settings {
+            Some((_, pool)) => pool.clone(),
+            None => SeedPool::new(plan.config.run_seed, plan.config.k as usize),
+        };
+        fedtune_shared::peak_memory::reset_peak_rss();
+        let start = std::time::Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(local_seed);
+        let (report, mean_loss) = local_round(
+            &self.current,
+            plan,
+            &pool,
+            &data.sequences,
+            batch_size,
+            data.pad_id,
+            &mut rng,
+        );
+        let stats = LocalStats {
+            samples: report.samples,
+            mean_loss,
+            first_loss: mean_loss,
+            wall_s: start.elapsed().as_secs_f64(),
+            peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
+        };
+        Ok((applied, report, stats))
+    }
+}

@@ -1,0 +1,156 @@
+//! FedKSeed on the daemon: the plans carry the seed history deltas a device missed, reports are
+//! (seed index, accumulated scalar gradient) pairs, aggregation is [`ZoServer::aggregate`] over
+//! the round's reports in device-id order, so that the result does not depend on arrival order.
+
+use std::time::Instant;
+
+use fedtune_shared::protocol::{DeviceId, Report, ReportPayload, Task};
+use fedtune_shared::zo::round::{ClientReport, ReportError, ZoRunConfig, ZoServer};
+
+use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm, weighted_loss};
+
+/// FedKSeed's server side.
+#[derive(Debug, Clone)]
+pub struct FedKSeed {
+    server: ZoServer,
+    batch_size: usize,
+    max_norm: Option<f64>,
+}
+
+impl FedKSeed {
+    /// A fresh run.
+    pub fn new(run: ZoRunConfig, batch_size: usize, max_norm: Option<f64>) -> Self {
+        Self {
+            server: ZoServer::new(run),
+            batch_size,
+            max_norm,
+        }
+    }
+
+    /// A run restored from [`ServerAlgorithm::state`] bytes.
+    pub fn restore(
+        bytes: &[u8],
+        batch_size: usize,
+        max_norm: Option<f64>,
+    ) -> Result<Self, AlgorithmError> {
+        let server: ZoServer = fedtune_shared::protocol::frame::decode_body(bytes)
+            .map_err(|e| AlgorithmError::Corrupt(e.to_string()))?;
+        Ok(Self {
+            server,
+            batch_size,
+            max_norm,
+        })
+    }
+
+    /// The FedKSeed server state.
+    pub fn server(&self) -> &ZoServer {
+        &self.server
+    }
+}
+
+fn report_of(report: &Report) -> Result<&ClientReport, Rejection> {
+    match &report.payload {
+        ReportPayload::FedKSeed(r) => Ok(r),
+        _ => Err(Rejection::new(
+            "payload",
+            "this run is FedKSeed; the report carries another algorithm's payload",
+        )),
+    }
+}
+
+impl ServerAlgorithm for FedKSeed {
+    fn round(&self) -> u64 {
+        self.server.round()
+    }
+
+    fn task(&mut self, _device: DeviceId, last_seen: u64) -> Task {
+        Task::FedKSeed {
+            plan: self
+                .server
+                .plan(last_seen.min(self.server.round().saturating_sub(1))),
+            batch_size: self.batch_size,
+        }
+    }
+
+    fn validate(&self, _device: DeviceId, report: &Report) -> Result<(), Rejection> {
+        let inner = report_of(report)?;
+        inner
+            .validate(self.server.round(), self.server.config().k)
+            .map_err(|e| {
+                let kind = match e {
+                    ReportError::SeedOutOfRange { .. } => "seed_range",
+                    ReportError::NotFinite { .. } => "not_finite",
+                    ReportError::WrongRound { .. } => "wrong_round",
+                    ReportError::NoSamples => "no_samples",
+                    _ => "invalid",
+                };
+                Rejection::new(kind, e.to_string())
+            })?;
+        if inner.samples != report.stats.samples {
+            return Err(Rejection::new(
+                "inconsistent",
+                "report and stats disagree on samples",
+            ));
+        }
+        if !(report.stats.mean_loss.is_finite() && report.stats.wall_s.is_finite()) {
+            return Err(Rejection::new("not_finite", "loss or time is not finite"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if !inner.seed_grads.iter().all(|(s, _)| seen.insert(*s)) {
+            return Err(Rejection::new(
+                "duplicate_seed",
+                "a seed index appears twice",
+            ));
+        }
+        if let Some(max) = self.max_norm {
+            let norm = inner
+                .seed_grads
+                .iter()
+                .map(|&(_, g)| (g as f64) * (g as f64))
+                .sum::<f64>()
+                .sqrt();
+            if norm > max {
+                return Err(Rejection::new(
+                    "norm",
+                    format!("update norm {norm:.3e} exceeds the bound {max:.3e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn aggregate(
+        &mut self,
+        reports: &[(DeviceId, Report)],
+    ) -> Result<RoundSummary, AlgorithmError> {
+        let start = Instant::now();
+        let round = self.server.round();
+        let inner: Vec<ClientReport> = reports
+            .iter()
+            .filter_map(|(_, r)| report_of(r).ok().cloned())
+            .collect();
+        let (_delta, rejected) = self.server.aggregate(&inner);
+        if let Some((_, e)) = rejected.first() {
+            // Reports were validated on arrival; a failure here is a bug, not a device's fault.
+            return Err(AlgorithmError::Aggregation(e.to_string()));
+        }
+        let (samples, mean_loss) = weighted_loss(reports);
+        Ok(RoundSummary {
+            round,
+            reports: reports.len(),
+            samples,
+            mean_loss,
+            aggregation_s: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn state(&self) -> Vec<u8> {
+        fedtune_shared::protocol::frame::encode(&self.server)
+            .map(|frame| frame[fedtune_shared::protocol::frame::HEADER_LEN..].to_vec())
+            .unwrap_or_default()
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        self.state()
+    }
+}

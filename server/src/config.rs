@@ -1,0 +1,312 @@
+//! The daemon's configuration (`server.toml`): where it listens and keeps state, how rounds
+//! run, and which algorithm with which settings. Every field has a default named beside its
+//! reason, so a minimal file names only the model and the algorithm.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedtune_shared::lora::aggregation::AggregationStrategy;
+use fedtune_shared::lora::config::LoraConfig;
+use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::zo::round::ZoRunConfig;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// QUIC address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address the identity file tells devices to connect to (default: `listen`).
+    #[serde(default)]
+    pub public_address: Option<SocketAddr>,
+    /// Local address of the Prometheus metrics endpoint (`None`: no endpoint).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// Folder of the durable store, keys and checkpoints.
+    pub state_dir: PathBuf,
+    /// The base model every device holds (GGUF file or Hugging Face folder).
+    pub model: PathBuf,
+    /// How rounds run.
+    #[serde(default)]
+    pub rounds: RoundSettings,
+    /// Validation of reports.
+    #[serde(default)]
+    pub validation: ValidationSettings,
+    /// The algorithm.
+    pub algorithm: AlgorithmConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+
+/// Round orchestration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundSettings {
+    /// Rounds to run; then devices are told the run is finished.
+    pub total_rounds: u64,
+    /// Reports that close a round (the quorum).
+    pub clients_per_round: usize,
+    /// Plans handed out per round as a multiple of `clients_per_round`, so that stragglers and
+    /// drop-outs do not stall the round (Bonawitz et al. 2019 over-select by 30%).
+    pub over_selection: f64,
+    /// Seconds after a round opens when it closes with what it has (if at least `min_reports`).
+    pub deadline_s: f64,
+    /// The fewest reports a round may close with at its deadline; below it the deadline is
+    /// extended and more devices are invited.
+    pub min_reports: usize,
+    /// Finished rounds whose individual reports stay in the store (for audits and re-runs).
+    pub keep_report_rounds: u64,
+    /// Global checkpoints kept on disk.
+    pub keep_checkpoints: usize,
+    /// Seed of everything the server draws (local seeds of plans, fresh adapters, bandits).
+    pub seed: u64,
+}
+
+impl Default for RoundSettings {
+    fn default() -> Self {
+        Self {
+            total_rounds: 10,
+            clients_per_round: 2,
+            over_selection: 1.3,
+            deadline_s: 600.0,
+            min_reports: 1,
+            keep_report_rounds: 2,
+            keep_checkpoints: 3,
+            seed: 42,
+        }
+    }
+}
+
+impl RoundSettings {
+    /// The deadline as a duration.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.deadline_s.max(0.0))
+    }
+
+    /// Plans handed out per round.
+    pub fn slots(&self) -> usize {
+        ((self.clients_per_round as f64 * self.over_selection).ceil() as usize)
+            .max(self.clients_per_round)
+    }
+}
+
+/// How reports are checked beyond their shapes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationSettings {
+    /// A report whose update norm exceeds this is refused (`None`: no bound). FedKSeed: the L2
+    /// norm of its accumulated scalar gradients; LoRA: the Frobenius norm of `s·B·A` summed over
+    /// layers.
+    pub max_update_norm: Option<f64>,
+    /// Largest adapter blob a device may upload, bytes.
+    pub max_upload_bytes: u64,
+}
+
+impl Default for ValidationSettings {
+    fn default() -> Self {
+        Self {
+            max_update_norm: None,
+            // Rank 64 on every projection of a 1B model is under 200 MB.
+            max_upload_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The algorithm and its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AlgorithmConfig {
+    /// FedKSeed (or FedKSeed-Pro with `run.pro = true`).
+    Fedkseed {
+        /// Run settings (K, ε, lr, τ, distribution, run seed).
+        #[serde(default)]
+        run: ZoRunConfig,
+        /// Sequences per local step.
+        #[serde(default = "one")]
+        batch_size: usize,
+    },
+    /// LoRA with per-device ranks.
+    Lora {
+        /// Adapter settings; `rank` is the largest.
+        #[serde(default)]
+        lora: LoraConfig,
+        /// Ranks a device's bandit picks from.
+        #[serde(default = "default_ranks")]
+        ranks: Vec<usize>,
+        /// Optimiser settings.
+        #[serde(default)]
+        train: TrainConfig,
+        /// Optimiser steps per round.
+        #[serde(default = "default_local_steps")]
+        local_steps: usize,
+        /// How adapters are combined.
+        #[serde(default)]
+        strategy: AggregationStrategy,
+    },
+}
+
+fn one() -> usize {
+    1
+}
+fn default_ranks() -> Vec<usize> {
+    vec![2, 4, 8]
+}
+fn default_local_steps() -> usize {
+    10
+}
+
+impl ServerConfig {
+    /// Reads and checks a configuration file. Relative paths in it are taken relative to the
+    /// file's folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.state_dir, &mut config.model] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks ranges a type cannot express.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let r = &self.rounds;
+        if r.clients_per_round == 0 {
+            return Err(ConfigError::Invalid(
+                "rounds.clients_per_round must be at least 1".into(),
+            ));
+        }
+        if !(r.over_selection >= 1.0 && r.over_selection <= 10.0) {
+            return Err(ConfigError::Invalid(
+                "rounds.over_selection must be in 1..=10".into(),
+            ));
+        }
+        if r.min_reports == 0 || r.min_reports > r.clients_per_round {
+            return Err(ConfigError::Invalid(
+                "rounds.min_reports must be in 1..=clients_per_round".into(),
+            ));
+        }
+        if !(r.deadline_s.is_finite() && r.deadline_s > 0.0) {
+            return Err(ConfigError::Invalid(
+                "rounds.deadline_s must be positive".into(),
+            ));
+        }
+        if let Some(n) = self.validation.max_update_norm
+            && !(n.is_finite() && n > 0.0)
+        {
+            return Err(ConfigError::Invalid(
+                "validation.max_update_norm must be positive".into(),
+            ));
+        }
+        match &self.algorithm {
+            AlgorithmConfig::Fedkseed { run, batch_size } => {
+                if run.k == 0 || run.tau == 0 || *batch_size == 0 {
+                    return Err(ConfigError::Invalid(
+                        "fedkseed: k, tau and batch_size must be positive".into(),
+                    ));
+                }
+                if !(run.eps.is_finite() && run.eps > 0.0 && run.lr.is_finite()) {
+                    return Err(ConfigError::Invalid(
+                        "fedkseed: eps must be positive, lr finite".into(),
+                    ));
+                }
+            }
+            AlgorithmConfig::Lora {
+                lora,
+                ranks,
+                local_steps,
+                ..
+            } => {
+                if ranks.is_empty()
+                    || ranks.contains(&0)
+                    || lora.targets.is_empty()
+                    || *local_steps == 0
+                {
+                    return Err(ConfigError::Invalid(
+                        "lora: ranks must be positive and non-empty, targets non-empty, local_steps positive".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The address devices are told to use.
+    pub fn public_address(&self) -> SocketAddr {
+        self.public_address.unwrap_or(self.listen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_file_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "state_dir = \"state\"\nmodel = \"m.gguf\"\n[algorithm]\nname = \"fedkseed\"\n[algorithm.run]\nk = 64\n",
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(config.state_dir, dir.path().join("state"));
+        assert!(
+            matches!(config.algorithm, AlgorithmConfig::Fedkseed { ref run, .. } if run.k == 64)
+        );
+
+        std::fs::write(&path, "state_dir = 3\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("server.toml"), "{err}");
+
+        std::fs::write(
+            &path,
+            "state_dir = \"s\"\nmodel = \"m\"\n[rounds]\nclients_per_round = 0\n[algorithm]\nname = \"fedkseed\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            ServerConfig::load(&path),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

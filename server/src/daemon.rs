@@ -1,0 +1,469 @@
+//! The daemon's core: the store, the registry, the orchestrator and the algorithm behind one
+//! lock, answering decoded requests. No sockets here ([`crate::transport`] moves the bytes), so
+//! tests can call [`Core::handle`] directly.
+//!
+//! Durability: a report is acknowledged only after the store has committed it; a round's
+//! aggregate, new algorithm state and summary are committed together; after a crash the core
+//! reopens at the stored state, counts the round's stored reports, and aggregates at once if
+//! they already reach the quorum.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fedtune_shared::protocol::auth::EXPORTER_LEN;
+use fedtune_shared::protocol::auth::PLAN_LABEL;
+use fedtune_shared::protocol::blob::model_digest;
+use fedtune_shared::protocol::frame::{HEADER_LEN, decode_body, encode};
+use fedtune_shared::protocol::{
+    DeviceId, Digest, ErrorCode, Plan, PollRequest, Report, Request, Response, WireError,
+};
+
+use crate::algorithm::fedkseed::FedKSeed;
+use crate::algorithm::{AlgorithmError, RoundSummary, ServerAlgorithm};
+use crate::config::{AlgorithmConfig, ServerConfig};
+use crate::identity::{IdentityError, ServerKeys};
+use crate::metrics::Metrics;
+use crate::registry::{Registry, RegistryError};
+use crate::rounds::{Phase, PollDecision, RoundRefusal, RoundRules, Rounds};
+use crate::store::{PutOutcome, Store, StoreError};
+
+/// Why the daemon could not start or continue.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// Keys could not be loaded or made.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The algorithm failed.
+    #[error(transparent)]
+    Algorithm(#[from] AlgorithmError),
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The base model could not be read.
+    #[error("cannot read the base model {path}: {source}")]
+    Model {
+        /// The model path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The socket or TLS set-up failed.
+    #[error("network: {0}")]
+    Network(String),
+    /// The stored run was made with another algorithm or model.
+    #[error("the state folder holds a run of another configuration: {0}")]
+    Mismatch(String),
+}
+
+/// What a connection has established.
+#[derive(Debug, Clone, Default)]
+pub struct Session {
+    /// The authenticated device.
+    pub device: Option<DeviceId>,
+    /// The TLS exporter output of the connection (what a device signs).
+    pub exporter: [u8; EXPORTER_LEN],
+}
+
+struct Running {
+    rounds: Rounds,
+    algorithm: Box<dyn ServerAlgorithm>,
+}
+
+/// The daemon's state and request handling.
+pub struct Core {
+    config: ServerConfig,
+    store: Store,
+    keys: ServerKeys,
+    base_model: Digest,
+    run_id: u64,
+    metrics: Arc<Metrics>,
+    running: Mutex<Running>,
+}
+
+fn rules(config: &ServerConfig) -> RoundRules {
+    let r = &config.rounds;
+    RoundRules {
+        total_rounds: r.total_rounds,
+        quorum: r.clients_per_round,
+        slots: r.slots(),
+        min_reports: r.min_reports,
+        deadline: r.deadline(),
+    }
+}
+
+fn wire(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error(WireError::new(code, message))
+}
+
+fn body_of<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    encode(value)
+        .map(|f| f[HEADER_LEN..].to_vec())
+        .unwrap_or_default()
+}
+
+impl Core {
+    /// Opens (or creates) the daemon's state for `config`.
+    pub fn open(config: ServerConfig) -> Result<Self, DaemonError> {
+        let keys = ServerKeys::load_or_create(&config.state_dir.join("keys"))?;
+        let store = Store::open(&config.state_dir.join("store"))?;
+        let base_model = model_digest(&config.model).map_err(|source| DaemonError::Model {
+            path: config.model.clone(),
+            source,
+        })?;
+        let algorithm_tag = match &config.algorithm {
+            AlgorithmConfig::Fedkseed { .. } => "fedkseed",
+            AlgorithmConfig::Lora { .. } => "lora",
+        };
+        let run_id = match store.meta("run_id")? {
+            Some(bytes) => {
+                let stored_model = store.meta("base_model")?.unwrap_or_default();
+                if stored_model != base_model.0 {
+                    return Err(DaemonError::Mismatch("the base model changed".into()));
+                }
+                if store.meta("algorithm")?.as_deref() != Some(algorithm_tag.as_bytes()) {
+                    return Err(DaemonError::Mismatch("the algorithm changed".into()));
+                }
+                u64::from_le_bytes(bytes.try_into().map_err(|_| StoreError::Corrupt {
+                    what: "run_id".into(),
+                })?)
+            }
+            None => {
+                let id: u64 = rand::random();
+                store.put_meta("base_model", &base_model.0)?;
+                store.put_meta("algorithm", algorithm_tag.as_bytes())?;
+                store.put_meta("run_id", &id.to_le_bytes())?;
+                id
+            }
+        };
+        let max_norm = config.validation.max_update_norm;
+        let algorithm: Box<dyn ServerAlgorithm> = match (&config.algorithm, store.state()?) {
+            (AlgorithmConfig::Fedkseed { run, batch_size }, None) => {
+                Box::new(FedKSeed::new(run.clone(), *batch_size, max_norm))
+            }
+            (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => {
+                Box::new(FedKSeed::restore(&bytes, *batch_size, max_norm)?)
+            }
+            (AlgorithmConfig::Lora { .. }, _) => {
+                return Err(DaemonError::Mismatch(
+                    "LoRA over the network is not implemented yet (in-process: `fedtune lora`)"
+                        .into(),
+                ));
+            }
+        };
+        let round = algorithm.round();
+        let reported: BTreeSet<DeviceId> = store
+            .reports(round)?
+            .into_iter()
+            .map(|(id, _)| DeviceId(id))
+            .collect();
+        tracing::info!(
+            run_id,
+            round,
+            stored_reports = reported.len(),
+            "daemon state opened"
+        );
+        let rounds = Rounds::resume(rules(&config), round, reported, Instant::now());
+        let metrics = Arc::new(Metrics::default());
+        metrics.current_round.set(round as i64);
+        let core = Self {
+            config,
+            store,
+            keys,
+            base_model,
+            run_id,
+            metrics,
+            running: Mutex::new(Running { rounds, algorithm }),
+        };
+        {
+            let mut running = core.lock();
+            if running.rounds.phase() == Phase::Closing {
+                tracing::info!(round, "stored reports reach the quorum; aggregating now");
+                core.finish_round(&mut running)?;
+            }
+        }
+        Ok(core)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Running> {
+        // A panic while holding the lock leaves state that was only ever changed after durable
+        // writes, so continuing with it is sound.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The server's keys.
+    pub fn keys(&self) -> &ServerKeys {
+        &self.keys
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> u64 {
+        self.run_id
+    }
+
+    /// The current round and phase.
+    pub fn round(&self) -> (u64, Phase) {
+        let running = self.lock();
+        (running.rounds.round(), running.rounds.phase())
+    }
+
+    /// The algorithm's state bytes (what the store holds after each round).
+    pub fn algorithm_state(&self) -> Vec<u8> {
+        self.lock().algorithm.state()
+    }
+
+    /// Answers one request on a connection.
+    pub fn handle(&self, session: &mut Session, request: Request, now: Instant) -> Response {
+        let response = self.dispatch(session, request, now);
+        if let Response::Error(e) = &response {
+            self.metrics.refuse(&format!("{:?}", e.code));
+            tracing::debug!(device = ?session.device, error = %e, "request refused");
+        }
+        response
+    }
+
+    fn dispatch(&self, session: &mut Session, request: Request, now: Instant) -> Response {
+        let registry = Registry::new(&self.store);
+        match request {
+            Request::Enroll(enroll) => {
+                match registry.enroll(&enroll.token, enroll.public_key, enroll.capabilities) {
+                    Ok(device) => {
+                        self.metrics.enrollments.inc();
+                        tracing::info!(%device, "device enrolled");
+                        Response::Enrolled { device }
+                    }
+                    Err(RegistryError::BadToken) => wire(
+                        ErrorCode::BadToken,
+                        "enrollment token is unknown or used up",
+                    ),
+                    Err(RegistryError::Revoked(d)) => {
+                        wire(ErrorCode::Revoked, format!("device {d} is revoked"))
+                    }
+                    Err(e) => self.internal(e),
+                }
+            }
+            Request::Authenticate(auth) => {
+                match registry.authenticate(auth.device, &session.exporter, &auth.signature) {
+                    Ok(_) => {
+                        session.device = Some(auth.device);
+                        Response::Authenticated
+                    }
+                    Err(RegistryError::Revoked(d)) => {
+                        wire(ErrorCode::Revoked, format!("device {d} is revoked"))
+                    }
+                    Err(RegistryError::Unknown(d)) => wire(
+                        ErrorCode::Unauthenticated,
+                        format!("device {d} is not enrolled"),
+                    ),
+                    Err(RegistryError::BadProof(d)) => wire(
+                        ErrorCode::Unauthenticated,
+                        format!("device {d} failed to prove its key"),
+                    ),
+                    Err(e) => self.internal(e),
+                }
+            }
+            request => {
+                let Some(device) = session.device else {
+                    return wire(ErrorCode::Unauthenticated, "authenticate first");
+                };
+                match registry.record(device) {
+                    Ok(Some(r)) if !r.revoked => {}
+                    Ok(Some(_)) => {
+                        return wire(ErrorCode::Revoked, format!("device {device} is revoked"));
+                    }
+                    Ok(None) => return wire(ErrorCode::Unauthenticated, "device is not enrolled"),
+                    Err(e) => return self.internal(e),
+                }
+                match request {
+                    Request::Poll(poll) => self.poll(device, poll, now),
+                    Request::Report(report) => self.report(device, report, now),
+                    _ => wire(ErrorCode::BadBlob, "this run exchanges no blobs"),
+                }
+            }
+        }
+    }
+
+    fn internal(&self, error: impl std::fmt::Display) -> Response {
+        tracing::error!(%error, "internal error");
+        wire(ErrorCode::Internal, "internal server error")
+    }
+
+    fn poll(&self, device: DeviceId, poll: PollRequest, now: Instant) -> Response {
+        let mut running = self.lock();
+        match running.rounds.on_poll(device, now) {
+            PollDecision::Finished { last_round } => Response::Finished { last_round },
+            PollDecision::Wait {
+                retry_after,
+                reason,
+            } => Response::Wait {
+                retry_after_ms: retry_after.as_millis() as u64,
+                reason: reason.into(),
+            },
+            PollDecision::Plan { round, time_left } => {
+                let task = running.algorithm.task(device, poll.last_seen_round);
+                let plan = Plan {
+                    run_id: self.run_id,
+                    round,
+                    device,
+                    base_model: self.base_model,
+                    local_seed: local_seed(self.config.rounds.seed, round, device),
+                    deadline_ms: time_left.as_millis() as u64,
+                    task,
+                };
+                match self.keys.signing.sign_value(PLAN_LABEL, &plan) {
+                    Ok(signed) => Response::Plan(signed),
+                    Err(e) => self.internal(e),
+                }
+            }
+        }
+    }
+
+    fn report(&self, device: DeviceId, report: Report, now: Instant) -> Response {
+        if report.run_id != self.run_id {
+            return wire(ErrorCode::WrongRound, "the report belongs to another run");
+        }
+        let mut running = self.lock();
+        let round = report.round;
+        // A resend of a report already stored (its acknowledgement was lost) counts once.
+        if round <= running.rounds.round() {
+            match self.store.reports(round) {
+                Ok(stored) if stored.iter().any(|(id, _)| *id == device.0) => {
+                    return Response::Accepted {
+                        round,
+                        duplicate: true,
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => return self.internal(e),
+            }
+        }
+        if let Err(refusal) = running.rounds.check_report(device, round) {
+            let code = match refusal {
+                RoundRefusal::NotSelected(_) => ErrorCode::NotSelected,
+                _ => ErrorCode::WrongRound,
+            };
+            return wire(code, refusal.to_string());
+        }
+        if let Err(rejection) = running.algorithm.validate(device, &report) {
+            self.metrics.refuse(rejection.kind);
+            tracing::warn!(%device, round, reason = %rejection, "report rejected");
+            return Response::Error(rejection.into());
+        }
+        match self.store.put_report(round, device.0, &body_of(&report)) {
+            Ok(PutOutcome::Duplicate) => {
+                return Response::Accepted {
+                    round,
+                    duplicate: true,
+                };
+            }
+            Ok(PutOutcome::Inserted) => {}
+            Err(e) => return self.internal(e),
+        }
+        self.metrics.reports_accepted.inc();
+        let registry = Registry::new(&self.store);
+        if let Ok(Some(mut record)) = registry.record(device) {
+            record.last_round = round;
+            record.last_round_s = Some(report.stats.wall_s);
+            if let Err(e) = registry.put(device, &record) {
+                tracing::warn!(%device, error = %e, "could not update the device record");
+            }
+        }
+        if running.rounds.on_report_stored(device)
+            && let Err(e) = self.finish_round(&mut running)
+        {
+            tracing::error!(round, error = %e, "aggregation failed; the round stays closing");
+        }
+        let _ = now;
+        Response::Accepted {
+            round,
+            duplicate: false,
+        }
+    }
+
+    /// Checks the deadline; aggregates when it closes the round.
+    pub fn on_timer(&self, now: Instant) {
+        let mut running = self.lock();
+        let closing = running.rounds.on_timer(now) || running.rounds.phase() == Phase::Closing;
+        if closing && let Err(e) = self.finish_round(&mut running) {
+            tracing::error!(error = %e, "aggregation failed");
+        }
+    }
+
+    fn finish_round(&self, running: &mut Running) -> Result<RoundSummary, DaemonError> {
+        let round = running.rounds.round();
+        let mut reports = Vec::new();
+        for (id, bytes) in self.store.reports(round)? {
+            match decode_body::<Report>(&bytes) {
+                Ok(r) => reports.push((DeviceId(id), r)),
+                Err(e) => {
+                    return Err(StoreError::Corrupt {
+                        what: format!("report of round {round}: {e}"),
+                    }
+                    .into());
+                }
+            }
+        }
+        let summary = running.algorithm.aggregate(&reports)?;
+        let keep = self.config.rounds.keep_report_rounds;
+        self.store
+            .finish_round(round, &body_of(&summary), &running.algorithm.state(), keep)?;
+        self.store.write_checkpoint(
+            round,
+            &running.algorithm.checkpoint(),
+            self.config.rounds.keep_checkpoints,
+        )?;
+        running.rounds.advance(Instant::now());
+        self.metrics.rounds_completed.inc();
+        self.metrics
+            .current_round
+            .set(running.rounds.round() as i64);
+        self.metrics.aggregation_seconds.set(summary.aggregation_s);
+        tracing::info!(
+            round,
+            reports = summary.reports,
+            samples = summary.samples,
+            mean_loss = summary.mean_loss,
+            aggregation_s = summary.aggregation_s,
+            "round finished"
+        );
+        Ok(summary)
+    }
+
+    /// When the timer should next fire.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        self.lock().rounds.next_timeout()
+    }
+}
+
+/// The seed of a device's local randomness in a round: the first 8 bytes of
+/// SHA-256(seed ‖ round ‖ device), so it is fixed by the run and unpredictable across devices.
+pub fn local_seed(seed: u64, round: u64, device: DeviceId) -> u64 {
+    let mut bytes = Vec::with_capacity(32);
+    bytes.extend_from_slice(&seed.to_le_bytes());
+    bytes.extend_from_slice(&round.to_le_bytes());
+    bytes.extend_from_slice(&device.0);
+    let d = Digest::of(&bytes).0;
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// How often the daemon checks round deadlines.
+pub const TICK: Duration = Duration::from_millis(200);

@@ -1,0 +1,164 @@
+//! The daemon's QUIC side: accept connections, read one request frame per stream (bounded),
+//! hand it to the [`Core`] on the blocking pool (the core writes to disk), write the answer.
+//! Bad bytes on one stream get an error frame on that stream; the connection and the daemon
+//! carry on.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use fedtune_shared::protocol::auth::EXPORTER_LABEL;
+use fedtune_shared::protocol::frame::decode_body;
+use fedtune_shared::protocol::{
+    ErrorCode, FrameError, MAX_REQUEST_FRAME, Request, Response, WireError,
+};
+use fedtune_shared::transport::TransportError;
+use fedtune_shared::transport::stream::{read_frame, write_message};
+use fedtune_shared::transport::tls::server_config;
+
+use crate::daemon::{Core, DaemonError, Session, TICK};
+
+/// A bound QUIC endpoint serving a core.
+pub struct Listener {
+    endpoint: quinn::Endpoint,
+    core: Arc<Core>,
+}
+
+impl Listener {
+    /// Binds `addr` with the core's certificate.
+    pub fn bind(core: Arc<Core>, addr: SocketAddr) -> Result<Self, DaemonError> {
+        let keys = core.keys();
+        let config = server_config(&keys.cert_der, &keys.tls_key_der)
+            .map_err(|e| DaemonError::Network(e.to_string()))?;
+        let endpoint = quinn::Endpoint::server(config, addr)
+            .map_err(|e| DaemonError::Network(format!("bind {addr}: {e}")))?;
+        Ok(Self { endpoint, core })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, DaemonError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| DaemonError::Network(e.to_string()))
+    }
+
+    /// Serves until `shutdown` completes, then closes connections gracefully.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        let timer_core = self.core.clone();
+        let ticker = tokio::spawn(async move {
+            let mut interval = tokio::time::interval(TICK);
+            loop {
+                interval.tick().await;
+                let core = timer_core.clone();
+                let _ = tokio::task::spawn_blocking(move || core.on_timer(Instant::now())).await;
+            }
+        });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let core = self.core.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_connection(core, incoming).await {
+                            tracing::debug!(error = %e, "connection ended");
+                        }
+                    });
+                }
+                () = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    break;
+                }
+            }
+        }
+        ticker.abort();
+        self.endpoint.close(0u32.into(), b"server shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+async fn serve_connection(
+    core: Arc<Core>,
+    incoming: quinn::Incoming,
+) -> Result<(), TransportError> {
+    let connection = incoming.await?;
+    let metrics = core.metrics().clone();
+    metrics.connections.inc();
+    let _guard = ConnectionGuard(metrics.clone());
+    let mut session = Session::default();
+    connection
+        .export_keying_material(&mut session.exporter, EXPORTER_LABEL, b"")
+        .map_err(|_| TransportError::Connect("TLS exporter unavailable".into()))?;
+    let session = Arc::new(Mutex::new(session));
+    loop {
+        let (send, recv) = connection.accept_bi().await?;
+        let core = core.clone();
+        let session = session.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(core, session, send, recv).await {
+                tracing::debug!(error = %e, "stream failed");
+            }
+        });
+    }
+}
+
+struct ConnectionGuard(Arc<crate::metrics::Metrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.dec();
+    }
+}
+
+async fn serve_stream(
+    core: Arc<Core>,
+    session: Arc<Mutex<Session>>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), TransportError> {
+    let metrics = core.metrics().clone();
+    let response = match read_frame(&mut recv, MAX_REQUEST_FRAME).await {
+        Ok(body) => {
+            metrics.bytes_in.inc_by(body.len() as u64 + 8);
+            match decode_body::<Request>(&body) {
+                Ok(request) => {
+                    let core = core.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut session = session.lock().unwrap_or_else(|p| p.into_inner());
+                        core.handle(&mut session, request, Instant::now())
+                    })
+                    .await
+                    .unwrap_or_else(|_| {
+                        Response::Error(WireError::new(
+                            ErrorCode::Internal,
+                            "internal server error",
+                        ))
+                    })
+                }
+                Err(e) => refuse(&core, ErrorCode::Malformed, e.to_string()),
+            }
+        }
+        Err(TransportError::Frame(e)) => {
+            let code = match e {
+                FrameError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+                FrameError::TooLarge { .. } => ErrorCode::TooLarge,
+                _ => ErrorCode::Malformed,
+            };
+            tracing::warn!(error = %e, "bad frame");
+            refuse(&core, code, e.to_string())
+        }
+        Err(e) => return Err(e),
+    };
+    let bytes = fedtune_shared::protocol::frame::encode(&response)?;
+    metrics.bytes_out.inc_by(bytes.len() as u64);
+    write_message(&mut send, &response).await?;
+    let _ = send.finish();
+    // Wait until the device has the answer (or is gone) before dropping the stream.
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+fn refuse(core: &Core, code: ErrorCode, message: String) -> Response {
+    core.metrics().refuse(&format!("{code:?}"));
+    Response::Error(WireError::new(code, message))
+}

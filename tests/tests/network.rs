@@ -1,0 +1,238 @@
+//! The real daemon and real clients on loopback QUIC: a federated FedKSeed run reaches the
+//! in-process reference bit for bit, and every refusal the issue lists happens.
+
+use std::collections::BTreeMap;
+
+use fedtune_client::{ClientError, Outcome};
+use fedtune_server::daemon::local_seed;
+use fedtune_server::registry::Registry;
+use fedtune_shared::protocol::frame::decode_body;
+use fedtune_shared::protocol::{DeviceId, ErrorCode};
+use fedtune_shared::zo::federation::local_round;
+use fedtune_shared::zo::round::{ZoServer, replay};
+use fedtune_shared::zo::seed_pool::SeedPool;
+use fedtune_tests::network::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn param_bits(model: &fedtune_shared::model::Llama) -> Vec<u32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Bits(Vec<u32>);
+    impl ModuleVisitor for Bits {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let values: Vec<f32> = param
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
+            self.0.extend(values.iter().map(|v| v.to_bits()));
+        }
+    }
+    let mut bits = Bits(Vec::new());
+    model.visit(&mut bits);
+    bits.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedkseed_over_quic_equals_the_in_process_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model_folder(dir.path(), 5);
+    let (clients, rounds) = (3usize, 3u64);
+    let server = TestServer::start(server_config(
+        &dir.path().join("server"),
+        &model_path,
+        clients,
+        rounds,
+    ));
+    let identity = server.identity();
+
+    let mut data = BTreeMap::new();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let sequences = counting((c as u32 * 7)..(c as u32 * 7 + 8), 10);
+        let (mut client, _handle) = client(
+            identity.clone(),
+            &dir.path().join(format!("client{c}")),
+            &model_path,
+            sequences.clone(),
+        );
+        let id = client.enroll(TOKEN).await.unwrap();
+        data.insert(id, sequences);
+        tasks.push(tokio::spawn(async move {
+            let outcome = client.run().await;
+            (client, outcome)
+        }));
+    }
+    let mut finished = Vec::new();
+    for task in tasks {
+        let (client, outcome) = task.await.unwrap();
+        assert_eq!(outcome.unwrap(), Outcome::Finished { last_round: rounds });
+        finished.push(client);
+    }
+    let served: ZoServer = decode_body(&server.core.algorithm_state()).unwrap();
+    server.stop().await;
+
+    // The in-process reference: same run, same devices in id order, same local seeds.
+    let run = fedkseed_run();
+    let pool = SeedPool::new(run.run_seed, run.k as usize);
+    let base = load_model(&model_path);
+    let mut global = base.clone();
+    let mut reference = ZoServer::new(run.clone());
+    let seed = fedtune_server::config::RoundSettings::default().seed;
+    for round in 1..=rounds {
+        let plan = reference.plan(round - 1);
+        let reports: Vec<_> = data
+            .iter()
+            .map(|(id, sequences)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(local_seed(seed, round, *id));
+                local_round(&global, &plan, &pool, sequences, 1, 0, &mut rng).0
+            })
+            .collect();
+        let (delta, rejected) = reference.aggregate(&reports);
+        assert!(rejected.is_empty());
+        global = replay(global, &run, &pool, &delta);
+    }
+    assert_eq!(served.round(), rounds + 1);
+    assert_eq!(
+        served
+            .history()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        reference
+            .history()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        "the daemon's seed history differs from the in-process loop's"
+    );
+    assert!(
+        reference.history().iter().any(|&v| v != 0.0),
+        "the run changed nothing"
+    );
+    // Each device holds the model up to the round before its last plan; replaying the last
+    // delta on it gives the reference's final model bit for bit.
+    let last = served.plan(rounds - 1).catch_up;
+    for client in finished {
+        assert_eq!(client.state().last_seen_round, rounds - 1);
+        let caught_up = replay(client.model().clone(), &run, &pool, &last[0]);
+        assert_eq!(param_bits(&caught_up), param_bits(&global));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unenrolled_bad_token_and_revoked_devices_get_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model_folder(dir.path(), 5);
+    let server = TestServer::start(server_config(&dir.path().join("server"), &model_path, 1, 1));
+    let identity = server.identity();
+
+    // A key the server never enrolled: its proof is refused.
+    let (stranger, _) = client(
+        identity.clone(),
+        &dir.path().join("stranger"),
+        &model_path,
+        counting(0..2, 8),
+    );
+    let key = fedtune_client::state::StateDir::open(&dir.path().join("stranger"))
+        .unwrap()
+        .device_key()
+        .unwrap();
+    let connection = fedtune_client::connection::Connection::open(
+        identity.address,
+        &identity.certificate_der().unwrap(),
+    )
+    .await
+    .unwrap();
+    let err = connection
+        .authenticate(key.public_key().device_id(), &key)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, fedtune_shared::transport::TransportError::Refused(ref e) if e.code == ErrorCode::Unauthenticated),
+        "{err}"
+    );
+    // … and a request without authentication is refused too.
+    let err = connection
+        .request(&fedtune_shared::protocol::Request::Poll(
+            fedtune_shared::protocol::PollRequest { last_seen_round: 0 },
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, fedtune_shared::transport::TransportError::Refused(ref e) if e.code == ErrorCode::Unauthenticated),
+        "{err}"
+    );
+    drop(stranger);
+
+    // A wrong token.
+    let (mut wrong, _) = client(
+        identity.clone(),
+        &dir.path().join("wrong"),
+        &model_path,
+        counting(0..2, 8),
+    );
+    let err = wrong.enroll("not-the-token").await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ErrorCode::BadToken),
+        "{err}"
+    );
+    assert!(matches!(wrong.run().await, Err(ClientError::NotEnrolled)));
+
+    // A revoked device.
+    let (mut revoked, _) = client(
+        identity.clone(),
+        &dir.path().join("revoked"),
+        &model_path,
+        counting(0..2, 8),
+    );
+    let id: DeviceId = revoked.enroll(TOKEN).await.unwrap();
+    Registry::new(server.core.store()).revoke(id).unwrap();
+    let err = revoked.run().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ErrorCode::Revoked),
+        "{err}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_certificate_and_forged_plans_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model_folder(dir.path(), 5);
+    let server = TestServer::start(server_config(&dir.path().join("server"), &model_path, 1, 1));
+    let impostor =
+        fedtune_server::identity::ServerKeys::load_or_create(&dir.path().join("impostor")).unwrap();
+
+    // Pinning another certificate: the TLS handshake fails.
+    let mut pinned_wrong = server.identity();
+    pinned_wrong.certificate_pem = impostor.identity(server.addr).certificate_pem;
+    let result = fedtune_client::connection::Connection::open(
+        server.addr,
+        &pinned_wrong.certificate_der().unwrap(),
+    )
+    .await;
+    assert!(
+        result.is_err(),
+        "a server with an unpinned certificate was trusted"
+    );
+
+    // Trusting another plan-signing key: every plan fails verification and is not acted on.
+    let mut forged = server.identity();
+    forged.signing_key = impostor.signing.public_key().to_string();
+    let (mut client, _) = client(
+        forged,
+        &dir.path().join("c"),
+        &model_path,
+        counting(0..2, 8),
+    );
+    client.enroll(TOKEN).await.unwrap();
+    let err = client.run().await.unwrap_err();
+    assert!(matches!(err, ClientError::PlanRejected(_)), "{err}");
+    assert!(
+        client.state().pending.is_none(),
+        "a client trained on an unverified plan"
+    );
+    server.stop().await;
+}
