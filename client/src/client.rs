@@ -405,6 +405,7 @@ impl Client {
         // Durable before it is sent: a killed app resends it on restart, and the server counts
         // it once.
         self.state_dir.save(&self.state)?;
+        self.emit(Event::ReportReady { round: plan.round });
         Ok(())
     }
 
@@ -432,7 +433,7 @@ impl Client {
                     message: format!("report for round {round} not counted: {e}"),
                 });
             }
-            Err(e) => return Err(refusal(e).into()),
+            Err(e) => return Err(refusal(e)),
         }
         self.state.pending = None;
         self.state_dir.save(&self.state)?;

@@ -13,6 +13,10 @@ use fedtune_shared::transport::TransportError;
 use fedtune_shared::transport::stream::{read_message, write_message};
 use fedtune_shared::transport::tls::{SERVER_NAME, client_config};
 
+/// How long a device waits for the answer to one request (the server answers control
+/// requests in milliseconds; aggregation holds a poll at most for the time of one aggregation).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// An open connection.
 pub struct Connection {
     endpoint: quinn::Endpoint,
@@ -45,14 +49,20 @@ impl Connection {
         })
     }
 
-    /// One exchange. A [`Response::Error`] becomes [`TransportError::Refused`].
+    /// One exchange. A [`Response::Error`] becomes [`TransportError::Refused`]; no answer
+    /// within [`REQUEST_TIMEOUT`] is a (transient) read error.
     pub async fn request(&self, request: &Request) -> Result<Response, TransportError> {
-        let (mut send, mut recv) = self.connection.open_bi().await?;
-        write_message(&mut send, request).await?;
-        let _ = send.finish();
-        match read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME).await? {
-            Response::Error(e) => Err(TransportError::Refused(e)),
-            response => Ok(response),
+        let exchange = async {
+            let (mut send, mut recv) = self.connection.open_bi().await?;
+            write_message(&mut send, request).await?;
+            let _ = send.finish();
+            read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME).await
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Err(_) => Err(TransportError::Read("no answer in time".into())),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(Response::Error(e))) => Err(TransportError::Refused(e)),
+            Ok(Ok(response)) => Ok(response),
         }
     }
 

@@ -30,6 +30,11 @@ pub enum Event {
         /// Steps planned.
         steps: usize,
     },
+    /// A round's report is written to disk and about to be sent.
+    ReportReady {
+        /// The round.
+        round: u64,
+    },
     /// The report was acknowledged.
     Reported {
         /// The round.

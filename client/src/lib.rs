@@ -2,11 +2,11 @@
 //! federated fine-tuning. It enrolls the device, connects to the pinned server, trains when the
 //! app's policy allows, and keeps its state on disk so a killed app resumes.
 //!
-//! - [`client`]: the main loop ([`Client`], [`ClientHandle`]);
-//! - [`connection`]: QUIC with the pinned certificate and the per-connection key proof;
-//! - [`trainer`]: the local model and the work a plan asks for;
-//! - [`state`]: the durable state folder;
-//! - [`policy`]: when training may run; [`events`]: progress for the app.
+//! - [`client`] — the main loop ([`Client`], [`ClientHandle`]);
+//! - [`connection`] — QUIC with the pinned certificate and the per-connection key proof;
+//! - [`trainer`] — the local model and the work a plan asks for;
+//! - [`state`] — the durable state folder;
+//! - [`policy`] — when training may run; [`events`]: progress for the app.
 
 #![warn(missing_docs)]
 

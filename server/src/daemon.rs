@@ -364,7 +364,7 @@ impl Core {
             return wire(code, refusal.to_string());
         }
         if let Err(rejection) = running.algorithm.validate(device, &report) {
-            self.metrics.refuse(rejection.kind);
+            self.metrics.invalid_report(rejection.kind);
             tracing::warn!(%device, round, reason = %rejection, "report rejected");
             return Response::Error(rejection.into());
         }

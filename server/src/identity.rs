@@ -41,6 +41,10 @@ pub struct ServerKeys {
     pub tls_key_der: Vec<u8>,
     /// The plan-signing key.
     pub signing: SigningKey,
+    /// Secret of QUIC stateless resets. Kept across restarts so that a restarted daemon can
+    /// reset the connections its previous process held: devices then reconnect at once instead
+    /// of waiting for their idle timeout.
+    pub reset_secret: Vec<u8>,
 }
 
 fn read(path: &Path) -> Result<Option<Vec<u8>>, IdentityError> {
@@ -107,12 +111,23 @@ impl ServerKeys {
                 key
             }
         };
+        let reset_path = dir.join("reset-secret.bin");
+        let reset_secret = match read(&reset_path)? {
+            Some(secret) if secret.len() == 32 => secret,
+            Some(_) => return Err(invalid(&reset_path, "expected 32 bytes".into())),
+            None => {
+                let secret = rand::random::<[u8; 32]>().to_vec();
+                write_private(&reset_path, &secret)?;
+                secret
+            }
+        };
         let cert_pem = pem_of(&cert_der);
         Ok(Self {
             cert_der,
             cert_pem,
             tls_key_der,
             signing,
+            reset_secret,
         })
     }
 

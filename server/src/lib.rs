@@ -1,13 +1,13 @@
 //! fedtune's aggregation daemon: round orchestration over QUIC, device enrollment and
 //! authentication, validation of every report, durable state, metrics.
 //!
-//! - [`config`]: `server.toml`;
-//! - [`rounds`]: the orchestrator, a state machine without I/O;
-//! - [`algorithm`]: what each algorithm does on the server (plans, validation, aggregation);
-//! - [`registry`]: devices, enrollment tokens, keys, revocation;
-//! - [`store`]: durable records (redb) and checkpoints;
-//! - [`identity`]: the server's TLS certificate and plan-signing key;
-//! - [`daemon`]: the core that answers requests; [`transport`]: QUIC; [`metrics`]: Prometheus.
+//! - [`config`] — `server.toml`;
+//! - [`rounds`] — the orchestrator, a state machine without I/O;
+//! - [`algorithm`] — what each algorithm does on the server (plans, validation, aggregation);
+//! - [`registry`] — devices, enrollment tokens, keys, revocation;
+//! - [`store`] — durable records (redb) and checkpoints;
+//! - [`identity`] — the server's TLS certificate and plan-signing key;
+//! - [`daemon`] — the core that answers requests; [`transport`]: QUIC; [`metrics`]: Prometheus.
 
 #![warn(missing_docs)]
 

@@ -27,8 +27,11 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Reports stored.
     pub reports_accepted: Counter,
-    /// Reports and requests refused, by reason.
+    /// Requests refused, by the error code sent back.
     pub refused: Family<Reason, Counter>,
+    /// Reports whose content failed validation, by what failed (each also counts once under
+    /// `refused{reason="Invalid"}`).
+    pub invalid_reports: Family<Reason, Counter>,
     /// Bytes received from devices (frames and blobs).
     pub bytes_in: Counter,
     /// Bytes sent to devices.
@@ -44,6 +47,13 @@ impl Metrics {
     pub fn refuse(&self, reason: &str) {
         self.refused
             .get_or_create(&vec![("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// Counts a report that failed validation.
+    pub fn invalid_report(&self, kind: &str) {
+        self.invalid_reports
+            .get_or_create(&vec![("kind", kind.to_string())])
             .inc();
     }
 
@@ -74,6 +84,11 @@ impl Metrics {
             "refused",
             "Requests and reports refused, by reason",
             self.refused.clone(),
+        );
+        registry.register(
+            "invalid_reports",
+            "Reports whose content failed validation, by what failed",
+            self.invalid_reports.clone(),
         );
         registry.register(
             "bytes_in",

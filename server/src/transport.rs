@@ -30,8 +30,32 @@ impl Listener {
         let keys = core.keys();
         let config = server_config(&keys.cert_der, &keys.tls_key_der)
             .map_err(|e| DaemonError::Network(e.to_string()))?;
-        let endpoint = quinn::Endpoint::server(config, addr)
+        // Stateless resets and connection ids are keyed by a secret stored with the server's
+        // keys. A restarted daemon then recognises the connection ids its previous process
+        // issued and answers them with a valid stateless reset instead of dropping the packets,
+        // so devices reconnect at once rather than after their request timeout.
+        let secret = &keys.reset_secret;
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let cid_key = u64::from_le_bytes([
+            secret[0], secret[1], secret[2], secret[3], secret[4], secret[5], secret[6], secret[7],
+        ]);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        // quinn answers at most one unknown packet per interval (20 ms by default), which after a
+        // restart leaves all but one device waiting for a retransmission, with back-off. A reset
+        // is smaller than the packet that caused it, so answering more often amplifies nothing.
+        endpoint_config.min_reset_interval(std::time::Duration::ZERO);
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let socket = std::net::UdpSocket::bind(addr)
             .map_err(|e| DaemonError::Network(format!("bind {addr}: {e}")))?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| DaemonError::Network(format!("bind {addr}: {e}")))?;
         Ok(Self { endpoint, core })
     }
 

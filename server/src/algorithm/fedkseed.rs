@@ -92,6 +92,41 @@ impl ServerAlgorithm for FedKSeed {
                 "report and stats disagree on samples",
             ));
         }
+        // A round is τ steps of `batch_size` sequences: more samples is a lie that would buy a
+        // device more weight in the average (and overflows sums if large enough).
+        let config = self.server.config();
+        let max_samples = config.tau as u64 * self.batch_size as u64;
+        if inner.samples > max_samples {
+            return Err(Rejection::new(
+                "samples",
+                format!(
+                    "{} samples claimed, a round has at most {max_samples}",
+                    inner.samples
+                ),
+            ));
+        }
+        let max_seeds = config.tau.min(config.k) as usize;
+        if inner.seed_grads.len() > max_seeds {
+            return Err(Rejection::new(
+                "shape",
+                format!(
+                    "{} seeds reported, a round draws at most {max_seeds}",
+                    inner.seed_grads.len()
+                ),
+            ));
+        }
+        // Raw per-step values feed FedKSeed-Pro's importance only; without Pro there are none,
+        // with Pro at most one per step.
+        let max_steps = if config.pro { config.tau as usize } else { 0 };
+        if inner.step_grads.len() > max_steps {
+            return Err(Rejection::new(
+                "shape",
+                format!(
+                    "{} per-step values, at most {max_steps} expected",
+                    inner.step_grads.len()
+                ),
+            ));
+        }
         if !(report.stats.mean_loss.is_finite() && report.stats.wall_s.is_finite()) {
             return Err(Rejection::new("not_finite", "loss or time is not finite"));
         }
@@ -109,10 +144,18 @@ impl ServerAlgorithm for FedKSeed {
                 .map(|&(_, g)| (g as f64) * (g as f64))
                 .sum::<f64>()
                 .sqrt();
-            if norm > max {
+            let largest_step = inner
+                .step_grads
+                .iter()
+                .map(|&(_, g)| (g as f64).abs())
+                .fold(0.0, f64::max);
+            if norm > max || largest_step > max {
                 return Err(Rejection::new(
                     "norm",
-                    format!("update norm {norm:.3e} exceeds the bound {max:.3e}"),
+                    format!(
+                        "update norm {:.3e} exceeds the bound {max:.3e}",
+                        norm.max(largest_step)
+                    ),
                 ));
             }
         }
@@ -129,11 +172,15 @@ impl ServerAlgorithm for FedKSeed {
             .iter()
             .filter_map(|(_, r)| report_of(r).ok().cloned())
             .collect();
-        let (_delta, rejected) = self.server.aggregate(&inner);
+        // On a copy, so that a failure leaves the state as it was (the round stays closing and
+        // is retried, never half-applied).
+        let mut next = self.server.clone();
+        let (_delta, rejected) = next.aggregate(&inner);
         if let Some((_, e)) = rejected.first() {
             // Reports were validated on arrival; a failure here is a bug, not a device's fault.
             return Err(AlgorithmError::Aggregation(e.to_string()));
         }
+        self.server = next;
         let (samples, mean_loss) = weighted_loss(reports);
         Ok(RoundSummary {
             round,

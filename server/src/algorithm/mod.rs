@@ -86,7 +86,9 @@ pub trait ServerAlgorithm: Send {
 
 /// Sample-weighted mean loss of reports.
 pub fn weighted_loss(reports: &[(DeviceId, Report)]) -> (u64, f32) {
-    let samples: u64 = reports.iter().map(|(_, r)| r.stats.samples).sum();
+    let samples = reports
+        .iter()
+        .fold(0u64, |total, (_, r)| total.saturating_add(r.stats.samples));
     let loss = reports
         .iter()
         .map(|(_, r)| r.stats.mean_loss as f64 * r.stats.samples as f64)

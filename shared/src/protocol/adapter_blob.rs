@@ -122,7 +122,7 @@ pub fn decode_adapter(bytes: &[u8]) -> Result<AdapterWeights, AdapterBlobError> 
     };
     let header: Header = super::frame::decode(header_frame, MAX_HEADER)?;
     let data = &rest[header_len..];
-    if data.len() % 4 != 0 {
+    if !data.len().is_multiple_of(4) {
         return Err(AdapterBlobError::Size {
             declared: 0,
             present: data.len() as u64 / 4,

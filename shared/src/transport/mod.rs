@@ -45,9 +45,13 @@ pub enum TransportError {
 impl TransportError {
     /// True when retrying on a new connection may succeed (the network failed, not the request).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Connection(_) | Self::Read(_) | Self::Write(_) | Self::Connect(_)
-        )
+        match self {
+            // A TLS failure (for example a certificate that is not the pinned one) or a protocol
+            // violation will fail the same way next time.
+            Self::Connection(quinn::ConnectionError::TransportError(_))
+            | Self::Connection(quinn::ConnectionError::VersionMismatch) => false,
+            Self::Connection(_) | Self::Read(_) | Self::Write(_) | Self::Connect(_) => true,
+            _ => false,
+        }
     }
 }

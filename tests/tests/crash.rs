@@ -1,0 +1,334 @@
+//! Crashes: the daemon is killed with SIGKILL in the middle of a round (after some reports were
+//! acknowledged) and restarted; a device is killed between writing its report and hearing the
+//! acknowledgement and restarted. In both cases every acknowledged report counts exactly once and
+//! the run ends with the model of an uninterrupted run.
+//!
+//! The daemon runs as a real separate process: this test binary re-executes itself to run the
+//! ignored `daemon_process` test, which serves the configuration named by an environment variable.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use fedtune_client::{Event, Outcome};
+use fedtune_server::ServerConfig;
+use fedtune_server::algorithm::RoundSummary;
+use fedtune_server::daemon::local_seed;
+use fedtune_server::registry::Registry;
+use fedtune_server::store::Store;
+use fedtune_shared::protocol::DeviceId;
+use fedtune_shared::protocol::blob::model_digest;
+use fedtune_shared::protocol::frame::decode_body;
+use fedtune_shared::transport::identity::ServerIdentity;
+use fedtune_shared::zo::federation::local_round;
+use fedtune_shared::zo::round::{ZoServer, replay};
+use fedtune_shared::zo::seed_pool::SeedPool;
+use fedtune_tests::network::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const CONFIG_VAR: &str = "FEDTUNE_DAEMON_CONFIG";
+
+#[test]
+#[ignore = "the daemon process of the crash tests; runs only when they start it"]
+fn daemon_process() {
+    let Ok(path) = std::env::var(CONFIG_VAR) else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let config: ServerConfig = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(fedtune_server::run(config)).unwrap();
+}
+
+/// Starts the daemon process and waits until it serves (its identity file appears).
+fn start_daemon(config_path: &Path, state_dir: &Path) -> (Child, ServerIdentity) {
+    let identity_path = state_dir.join("server-identity.json");
+    let _ = std::fs::remove_file(&identity_path);
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "daemon_process", "--ignored", "--nocapture"])
+        .env(CONFIG_VAR, config_path)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !identity_path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    (child, ServerIdentity::load(&identity_path).unwrap())
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `event` on `rx`.
+async fn wait_for(rx: &mpsc::Receiver<Event>, event: Event) {
+    let start = Instant::now();
+    loop {
+        match rx.try_recv() {
+            Ok(e) if e == event => return,
+            Ok(_) => {}
+            Err(mpsc::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no {event:?}");
+    }
+}
+
+fn client_with_events(
+    identity: ServerIdentity,
+    dir: &Path,
+    model: &Path,
+    data: Vec<Vec<u32>>,
+) -> (fedtune_client::Client, mpsc::Receiver<Event>) {
+    client_with_hold(identity, dir, model, data, None)
+}
+
+/// A client whose event listener, on `hold`, stays in the callback for a while: the client
+/// task cannot move on, so the test can kill it at exactly that point.
+fn client_with_hold(
+    identity: ServerIdentity,
+    dir: &Path,
+    model: &Path,
+    data: Vec<Vec<u32>>,
+    hold: Option<Event>,
+) -> (fedtune_client::Client, mpsc::Receiver<Event>) {
+    let (tx, rx) = mpsc::channel();
+    let digest = model_digest(model).unwrap();
+    let mut config = client_config(identity, dir, digest, None);
+    let tx = std::sync::Mutex::new(tx);
+    config.listener = std::sync::Arc::new(move |e: Event| {
+        let held = hold.as_ref() == Some(&e);
+        let _ = tx.lock().unwrap().send(e);
+        if held {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let (client, _) = fedtune_client::Client::new(
+        config,
+        load_model(model),
+        fedtune_client::trainer::TrainingData {
+            sequences: data,
+            pad_id: 0,
+        },
+    )
+    .unwrap();
+    (client, rx)
+}
+
+/// The uninterrupted run's seed history, in process, for devices `data` (in id order).
+fn reference_history(
+    model: &Path,
+    data: &BTreeMap<DeviceId, Vec<Vec<u32>>>,
+    rounds: u64,
+) -> Vec<u32> {
+    let run = fedkseed_run();
+    let pool = SeedPool::new(run.run_seed, run.k as usize);
+    let mut global = load_model(model);
+    let mut server = ZoServer::new(run.clone());
+    let seed = fedtune_server::config::RoundSettings::default().seed;
+    for round in 1..=rounds {
+        let plan = server.plan(round - 1);
+        let reports: Vec<_> = data
+            .iter()
+            .map(|(id, sequences)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(local_seed(seed, round, *id));
+                local_round(&global, &plan, &pool, sequences, 1, 0, &mut rng).0
+            })
+            .collect();
+        let (delta, _) = server.aggregate(&reports);
+        global = replay(global, &run, &pool, &delta);
+    }
+    server.history().iter().map(|v| v.to_bits()).collect()
+}
+
+fn stored_outcome(state_dir: &Path) -> (Vec<u32>, Vec<RoundSummary>) {
+    let store = Store::open(&state_dir.join("store")).unwrap();
+    let served: ZoServer = decode_body(&store.state().unwrap().unwrap()).unwrap();
+    let summaries = store
+        .round_summaries()
+        .unwrap()
+        .into_iter()
+        .map(|(_, bytes)| decode_body(&bytes).unwrap())
+        .collect();
+    (
+        served.history().iter().map(|v| v.to_bits()).collect(),
+        summaries,
+    )
+}
+
+fn sigterm(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the daemon ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_killed_mid_round_resumes_and_counts_every_acknowledged_report_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let state_dir = dir.path().join("server");
+    let (clients, rounds) = (3usize, 3u64);
+    let mut config = server_config(&state_dir, &model, clients, rounds);
+    config.listen.set_port(free_udp_port());
+    let config_path: PathBuf = dir.path().join("server.json");
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    // The operator issues a token while the daemon is stopped.
+    {
+        std::fs::create_dir_all(&state_dir).unwrap();
+        let store = Store::open(&state_dir.join("store")).unwrap();
+        Registry::new(&store).add_token(TOKEN, 10).unwrap();
+    }
+
+    let (mut daemon, identity) = start_daemon(&config_path, &state_dir);
+    let mut data = BTreeMap::new();
+    let mut tasks = Vec::new();
+    let mut receivers = Vec::new();
+    for c in 0..2 {
+        let sequences = counting((c * 7)..(c * 7 + 8), 10);
+        let (mut client, rx) = client_with_events(
+            identity.clone(),
+            &dir.path().join(format!("c{c}")),
+            &model,
+            sequences.clone(),
+        );
+        data.insert(client.enroll(TOKEN).await.unwrap(), sequences);
+        tasks.push(tokio::spawn(async move { client.run().await }));
+        receivers.push(rx);
+    }
+    // Two of three reports of round 1 are acknowledged: kill the daemon.
+    for rx in &receivers {
+        wait_for(
+            rx,
+            Event::Reported {
+                round: 1,
+                duplicate: false,
+            },
+        )
+        .await;
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    let t = Instant::now();
+    let (mut daemon, identity) = start_daemon(&config_path, &state_dir);
+    eprintln!("TIMING restarted {:?}", t.elapsed());
+    let sequences = counting(14..22, 10);
+    let (mut late, _rx) =
+        client_with_events(identity, &dir.path().join("c2"), &model, sequences.clone());
+    data.insert(late.enroll(TOKEN).await.unwrap(), sequences);
+    tasks.push(tokio::spawn(async move { late.run().await }));
+    for task in tasks {
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            Outcome::Finished { last_round: rounds }
+        );
+        eprintln!("TIMING client done {:?}", t.elapsed());
+    }
+    sigterm(&mut daemon);
+    eprintln!("TIMING stopped {:?}", t.elapsed());
+
+    let (history, summaries) = stored_outcome(&state_dir);
+    assert_eq!(summaries.len(), rounds as usize);
+    for s in &summaries {
+        assert_eq!(
+            s.reports, clients,
+            "round {} counted {} reports",
+            s.round, s.reports
+        );
+    }
+    assert_eq!(
+        history,
+        reference_history(&model, &data, rounds),
+        "the restarted run ended elsewhere"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_killed_before_its_acknowledgement_resends_and_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let state_dir = dir.path().join("server");
+    let (clients, rounds) = (2usize, 2u64);
+    let server = TestServer::start(server_config(&state_dir, &model, clients, rounds));
+    let identity = server.identity();
+
+    let mut data = BTreeMap::new();
+    let steady_data = counting(0..8, 10);
+    let (mut steady, _rx) = client_with_events(
+        identity.clone(),
+        &dir.path().join("steady"),
+        &model,
+        steady_data.clone(),
+    );
+    data.insert(steady.enroll(TOKEN).await.unwrap(), steady_data);
+    let steady = tokio::spawn(async move { steady.run().await });
+
+    let victim_dir = dir.path().join("victim");
+    let victim_data = counting(20..28, 10);
+    let (mut victim, rx) = client_with_hold(
+        identity.clone(),
+        &victim_dir,
+        &model,
+        victim_data.clone(),
+        Some(Event::ReportReady { round: 1 }),
+    );
+    let victim_id = victim.enroll(TOKEN).await.unwrap();
+    data.insert(victim_id, victim_data.clone());
+    let task = tokio::spawn(async move { victim.run().await });
+    // Killed right after its report is on disk, while it is being sent.
+    wait_for(&rx, Event::ReportReady { round: 1 }).await;
+    task.abort();
+    let _ = task.await;
+
+    let (mut restarted, rx) = client_with_events(identity, &victim_dir, &model, victim_data);
+    assert_eq!(
+        restarted.state().pending.as_ref().map(|r| r.round),
+        Some(1),
+        "the report was not kept"
+    );
+    let outcome = restarted.run().await.unwrap();
+    assert_eq!(outcome, Outcome::Finished { last_round: rounds });
+    let resent: Vec<Event> = rx
+        .try_iter()
+        .filter(|e| matches!(e, Event::Reported { round: 1, .. }))
+        .collect();
+    assert_eq!(resent.len(), 1, "{resent:?}");
+    assert_eq!(
+        steady.await.unwrap().unwrap(),
+        Outcome::Finished { last_round: rounds }
+    );
+    server.stop().await;
+
+    let (history, summaries) = stored_outcome(&state_dir);
+    assert!(
+        summaries.iter().all(|s| s.reports == clients),
+        "{summaries:?}"
+    );
+    assert_eq!(history, reference_history(&model, &data, rounds));
+}
