@@ -203,7 +203,7 @@ pub mod network {
             load_model(model),
             TrainingData {
                 sequences: data,
-                pad_id: 0,
+                ..Default::default()
             },
         )
         .expect("client")

@@ -20,7 +20,9 @@ use crate::connection::Connection;
 use crate::events::{Event, EventListener};
 use crate::policy::{DeviceConditions, TrainingPolicy};
 use crate::state::{DeviceState, StateDir, StateError};
-use crate::trainer::{FedKSeedModel, TrainError, TrainingData};
+use crate::trainer::{FedKSeedModel, TrainError, TrainingData, train_lora};
+use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
+use fedtune_shared::protocol::{BlobRef, LoraTask};
 
 /// Why the SDK stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +327,7 @@ impl Client {
                         .map_err(|e| ClientError::PlanRejected(e.to_string()))?;
                     self.check_plan(&plan, device)?;
                     self.emit(Event::PlanReceived { round: plan.round });
-                    self.train(plan).await?;
+                    self.train(&connection, plan).await?;
                 }
                 Response::Wait {
                     retry_after_ms,
@@ -372,15 +374,18 @@ impl Client {
         Ok(())
     }
 
-    async fn train(&mut self, plan: Plan) -> Result<(), ClientError> {
-        let Task::FedKSeed {
-            plan: zo_plan,
-            batch_size,
-        } = plan.task.clone()
-        else {
-            return Err(ClientError::PlanRejected(
-                "this SDK build runs FedKSeed plans only".into(),
-            ));
+    async fn train(&mut self, connection: &Connection, plan: Plan) -> Result<(), ClientError> {
+        let (zo_plan, batch_size) = match plan.task.clone() {
+            Task::FedKSeed {
+                plan: zo_plan,
+                batch_size,
+            } => (zo_plan, batch_size),
+            Task::Lora(task) => return self.train_lora(connection, plan, task).await,
+            _ => {
+                return Err(ClientError::PlanRejected(
+                    "the plan's algorithm is unknown to this SDK".into(),
+                ));
+            }
         };
         let mut model = self.model.clone();
         let data = self.data.clone();
@@ -409,12 +414,120 @@ impl Client {
         Ok(())
     }
 
+    async fn train_lora(
+        &mut self,
+        connection: &Connection,
+        plan: Plan,
+        task: LoraTask,
+    ) -> Result<(), ClientError> {
+        let Some(blob) = task.adapter else {
+            return Err(ClientError::PlanRejected(
+                "a LoRA plan without an adapter".into(),
+            ));
+        };
+        let bytes = self.fetch_blob(connection, blob).await?;
+        let global = decode_adapter(&bytes).map_err(|e| TrainError::Adapter(e.to_string()))?;
+        let base = self.model.base().clone();
+        let data = self.data.clone();
+        let local_seed = plan.local_seed;
+        let train_task = task.clone();
+        let (weights, stats) = tokio::task::spawn_blocking(move || {
+            train_lora(&base, &train_task, &global, &data, local_seed)
+        })
+        .await
+        .map_err(|e| TransportError::Unexpected(format!("training thread failed: {e}")))??;
+        let encoded = encode_adapter(&weights);
+        let adapter = BlobRef {
+            digest: Digest::of(&encoded),
+            len: encoded.len() as u64,
+        };
+        self.state_dir.put_outbox(&adapter.digest, &encoded)?;
+        self.state.pending = Some(Report {
+            run_id: plan.run_id,
+            round: plan.round,
+            stats,
+            payload: ReportPayload::Lora {
+                adapter,
+                rank: task.lora.rank,
+            },
+        });
+        self.state_dir.save(&self.state)?;
+        self.emit(Event::ReportReady { round: plan.round });
+        Ok(())
+    }
+
+    /// A blob the server holds, resuming a partial download left by a dropped connection and
+    /// checking the digest once complete.
+    async fn fetch_blob(
+        &mut self,
+        connection: &Connection,
+        blob: BlobRef,
+    ) -> Result<Vec<u8>, ClientError> {
+        if blob.len > fedtune_shared::protocol::MAX_BLOB {
+            return Err(ClientError::PlanRejected(format!(
+                "a blob of {} bytes",
+                blob.len
+            )));
+        }
+        let part = self.state_dir.download_path(&blob.digest);
+        for _ in 0..3 {
+            let held = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+            if held < blob.len {
+                connection
+                    .download(blob.digest, held, blob.len, &part)
+                    .await?;
+            }
+            let bytes = std::fs::read(&part).map_err(TransportError::from)?;
+            let _ = std::fs::remove_file(&part);
+            if bytes.len() as u64 == blob.len && Digest::of(&bytes) == blob.digest {
+                return Ok(bytes);
+            }
+            tracing::warn!(digest = %blob.digest, "downloaded blob does not match its digest; fetching again");
+        }
+        Err(
+            TransportError::Unexpected(format!("blob {} never matched its digest", blob.digest))
+                .into(),
+        )
+    }
+
+    /// Makes sure the server holds an uploaded blob, resuming from what it already has.
+    async fn ensure_uploaded(
+        &mut self,
+        connection: &Connection,
+        blob: BlobRef,
+    ) -> Result<(), ClientError> {
+        let bytes = self.state_dir.outbox(&blob.digest)?;
+        for _ in 0..5 {
+            let offset = match connection
+                .request(&Request::UploadStatus {
+                    digest: blob.digest,
+                })
+                .await?
+            {
+                Response::UploadOffset { offset } => offset,
+                other => return Err(TransportError::Unexpected(format!("{other:?}")).into()),
+            };
+            if offset >= blob.len {
+                return Ok(());
+            }
+            match connection.upload(blob.digest, &bytes, offset).await? {
+                Response::Uploaded { .. } => return Ok(()),
+                Response::UploadOffset { .. } => continue,
+                other => return Err(TransportError::Unexpected(format!("{other:?}")).into()),
+            }
+        }
+        Err(TransportError::Unexpected("upload did not complete".into()).into())
+    }
+
     async fn send_report(
         &mut self,
         connection: &Connection,
         report: Report,
     ) -> Result<(), ClientError> {
         let round = report.round;
+        if let ReportPayload::Lora { adapter, .. } = &report.payload {
+            self.ensure_uploaded(connection, *adapter).await?;
+        }
         match connection.request(&Request::Report(report)).await {
             Ok(Response::Accepted { round, duplicate }) => {
                 self.emit(Event::Reported { round, duplicate });
@@ -434,6 +547,13 @@ impl Client {
                 });
             }
             Err(e) => return Err(refusal(e)),
+        }
+        if let Some(Report {
+            payload: ReportPayload::Lora { adapter, .. },
+            ..
+        }) = self.state.pending.take()
+        {
+            self.state_dir.remove_outbox(&adapter.digest);
         }
         self.state.pending = None;
         self.state_dir.save(&self.state)?;

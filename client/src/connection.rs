@@ -100,3 +100,70 @@ impl Connection {
         self.endpoint.wait_idle().await;
     }
 }
+
+impl Connection {
+    /// Downloads `len - offset` bytes of blob `digest` from `offset`, appending them to `path`.
+    /// Returns the bytes the file then holds past `offset`.
+    pub async fn download(
+        &self,
+        digest: fedtune_shared::protocol::Digest,
+        offset: u64,
+        len: u64,
+        path: &std::path::Path,
+    ) -> Result<u64, TransportError> {
+        let (mut send, mut recv) = self.connection.open_bi().await?;
+        write_message(&mut send, &Request::Download { digest, offset }).await?;
+        let _ = send.finish();
+        let header = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME),
+        )
+        .await
+        .map_err(|_| TransportError::Read("no answer in time".into()))??;
+        match header {
+            Response::Blob {
+                total,
+                offset: from,
+            } if total == len && from == offset => {
+                fedtune_shared::transport::stream::receive_to_file(&mut recv, path, len - offset)
+                    .await
+            }
+            Response::Error(e) => Err(TransportError::Refused(e)),
+            other => Err(TransportError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Uploads `bytes` (blob `digest`) from `offset`; returns the server's answer
+    /// (`Uploaded`, or `UploadOffset` with what it holds).
+    pub async fn upload(
+        &self,
+        digest: fedtune_shared::protocol::Digest,
+        bytes: &[u8],
+        offset: u64,
+    ) -> Result<Response, TransportError> {
+        let (mut send, mut recv) = self.connection.open_bi().await?;
+        let total = bytes.len() as u64;
+        write_message(
+            &mut send,
+            &Request::Upload {
+                digest,
+                total,
+                offset,
+            },
+        )
+        .await?;
+        let start = (offset as usize).min(bytes.len());
+        fedtune_shared::transport::stream::send_bytes(&mut send, &bytes[start..]).await?;
+        let _ = send.finish();
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME),
+        )
+        .await
+        .map_err(|_| TransportError::Read("no answer in time".into()))??
+        {
+            Response::Error(e) => Err(TransportError::Refused(e)),
+            other => Ok(other),
+        }
+    }
+}

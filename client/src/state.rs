@@ -9,7 +9,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use fedtune_shared::protocol::{DeviceId, Report, SigningKey};
+use fedtune_shared::protocol::{DeviceId, Digest, Report, SigningKey};
 use fedtune_shared::zo::round::{HistoryDelta, ZoRunConfig};
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +94,32 @@ impl StateDir {
             }
             Err(source) => Err(StateError::Io { path, source }),
         }
+    }
+
+    /// Where a download of blob `digest` is kept while incomplete.
+    pub fn download_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(format!("download-{digest}.part"))
+    }
+
+    /// Stores a blob to upload (durably, before the report that names it is written).
+    pub fn put_outbox(&self, digest: &Digest, bytes: &[u8]) -> Result<(), StateError> {
+        let dir = self.dir.join("outbox");
+        std::fs::create_dir_all(&dir).map_err(|source| StateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        write_atomically(&dir.join(digest.to_string()), bytes)
+    }
+
+    /// A blob waiting to be uploaded.
+    pub fn outbox(&self, digest: &Digest) -> Result<Vec<u8>, StateError> {
+        let path = self.dir.join("outbox").join(digest.to_string());
+        std::fs::read(&path).map_err(|source| StateError::Io { path, source })
+    }
+
+    /// Forgets an uploaded blob.
+    pub fn remove_outbox(&self, digest: &Digest) {
+        let _ = std::fs::remove_file(self.dir.join("outbox").join(digest.to_string()));
     }
 
     /// The stored state (default when none).

@@ -1,8 +1,14 @@
 //! The device's model and the local work a plan asks for. Plain synchronous code over the
 //! shared algorithms; the SDK runs it on a blocking thread.
 
+use burn::module::Module;
+use fedtune_shared::lora::adapter::AdapterWeights;
+use fedtune_shared::lora::attach::{adapter_weights, attach_weights};
+use fedtune_shared::lora::federation::heldout_loss;
+use fedtune_shared::lora::train::{LoraTrainer, TrainExample};
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::LocalStats;
+use fedtune_shared::protocol::LoraTask;
 use fedtune_shared::zo::federation::local_round;
 use fedtune_shared::zo::round::{ClientReport, HistoryDelta, RoundPlan, ZoRunConfig, replay};
 use fedtune_shared::zo::seed_pool::SeedPool;
@@ -12,8 +18,11 @@ use rand_chacha::ChaCha8Rng;
 /// The device's training data, already tokenized.
 #[derive(Debug, Clone, Default)]
 pub struct TrainingData {
-    /// Token sequences (FedKSeed trains next-token prediction on them).
+    /// Token sequences (FedKSeed trains next-token prediction on them; LoRA too when
+    /// `examples` is empty).
     pub sequences: Vec<Vec<u32>>,
+    /// Instruction examples with their prompt lengths (LoRA's loss covers responses only).
+    pub examples: Vec<TrainExample>,
     /// Padding token of batches.
     pub pad_id: u32,
 }
@@ -33,6 +42,9 @@ pub enum TrainError {
         /// First round the plan carries.
         starts: u64,
     },
+    /// The adapter the server sent does not fit the model or the task.
+    #[error("bad adapter: {0}")]
+    Adapter(String),
     /// The run's settings changed under the device.
     #[error("the plan's FedKSeed settings differ from those the device's history was made with")]
     SettingsChanged,
@@ -64,6 +76,11 @@ impl FedKSeedModel {
         self.current = self.base.clone();
         self.held_round = 0;
         self.settings = None;
+    }
+
+    /// The base model.
+    pub fn base(&self) -> &Llama {
+        &self.base
     }
 
     /// The last round applied.
@@ -151,9 +168,74 @@ impl FedKSeedModel {
             samples: report.samples,
             mean_loss,
             first_loss: mean_loss,
+            loss_after: mean_loss,
             wall_s: start.elapsed().as_secs_f64(),
             peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
         };
         Ok((applied, report, stats))
     }
+}
+
+impl TrainingData {
+    /// The examples LoRA trains on.
+    pub fn lora_examples(&self) -> Vec<TrainExample> {
+        if self.examples.is_empty() {
+            self.sequences
+                .iter()
+                .cloned()
+                .map(TrainExample::text)
+                .collect()
+        } else {
+            self.examples.clone()
+        }
+    }
+}
+
+/// Sequences of the fixed probe on which a LoRA device measures its progress for the bandit
+/// (the loss before and after its round).
+pub const PROBE_EXAMPLES: usize = 4;
+
+/// One LoRA round: the global adapter at the device's rank installed on the frozen base, the
+/// task's optimiser steps with the plan's local seed, the trained adapter back. The same steps
+/// as the in-process run, so both give the same adapter.
+pub fn train_lora(
+    base: &Llama,
+    task: &LoraTask,
+    global: &AdapterWeights,
+    data: &TrainingData,
+    local_seed: u64,
+) -> Result<(AdapterWeights, LocalStats), TrainError> {
+    let examples = data.lora_examples();
+    if examples.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    if global.rank != task.lora.rank || global.scaling != task.lora.scaling {
+        return Err(TrainError::Adapter(format!(
+            "the adapter has rank {}, the task asks for {}",
+            global.rank, task.lora.rank
+        )));
+    }
+    // The base stays as the app loaded it; `train` switches the module to autodiff, with the
+    // base frozen by `attach_weights` and only the adapters tracked.
+    let model = attach_weights(base.clone(), global, task.lora.dropout)
+        .map_err(|e| TrainError::Adapter(e.to_string()))?
+        .train();
+    let pad_id = task.train.pad_id;
+    let probe = &examples[..examples.len().min(PROBE_EXAMPLES)];
+    let loss_before = heldout_loss(&model.valid(), probe, pad_id);
+    let mut trainer = LoraTrainer::new(task.train.clone(), task.first_step);
+    let mut rng = ChaCha8Rng::seed_from_u64(local_seed);
+    let (trained, report) = trainer.train_round(model, &examples, task.local_steps, &mut rng);
+    let loss_after = heldout_loss(&trained.valid(), probe, pad_id);
+    let weights = adapter_weights(&trained, task.lora.scaling)
+        .ok_or_else(|| TrainError::Adapter("training lost the adapters".into()))?;
+    let stats = LocalStats {
+        samples: report.samples,
+        mean_loss: report.mean_loss,
+        first_loss: loss_before,
+        loss_after,
+        wall_s: report.wall_s,
+        peak_rss_bytes: report.peak_rss_bytes,
+    };
+    Ok((weights, stats))
 }

@@ -20,7 +20,9 @@ use fedtune_shared::protocol::{
 };
 
 use crate::algorithm::fedkseed::FedKSeed;
+use crate::algorithm::lora::{Lora, LoraSettings};
 use crate::algorithm::{AlgorithmError, RoundSummary, ServerAlgorithm};
+use crate::blobs::{BlobError, Blobs};
 use crate::config::{AlgorithmConfig, ServerConfig};
 use crate::identity::{IdentityError, ServerKeys};
 use crate::metrics::Metrics;
@@ -55,6 +57,9 @@ pub enum DaemonError {
     /// The socket or TLS set-up failed.
     #[error("network: {0}")]
     Network(String),
+    /// The blob folders failed.
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
     /// The stored run was made with another algorithm or model.
     #[error("the state folder holds a run of another configuration: {0}")]
     Mismatch(String),
@@ -79,6 +84,7 @@ pub struct Core {
     config: ServerConfig,
     store: Store,
     keys: ServerKeys,
+    blobs: Blobs,
     base_model: Digest,
     run_id: u64,
     metrics: Arc<Metrics>,
@@ -111,6 +117,7 @@ impl Core {
     pub fn open(config: ServerConfig) -> Result<Self, DaemonError> {
         let keys = ServerKeys::load_or_create(&config.state_dir.join("keys"))?;
         let store = Store::open(&config.state_dir.join("store"))?;
+        let blobs = Blobs::open(&config.state_dir)?;
         let base_model = model_digest(&config.model).map_err(|source| DaemonError::Model {
             path: config.model.clone(),
             source,
@@ -148,11 +155,32 @@ impl Core {
             (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => {
                 Box::new(FedKSeed::restore(&bytes, *batch_size, max_norm)?)
             }
-            (AlgorithmConfig::Lora { .. }, _) => {
-                return Err(DaemonError::Mismatch(
-                    "LoRA over the network is not implemented yet (in-process: `fedtune lora`)"
-                        .into(),
-                ));
+            (
+                AlgorithmConfig::Lora {
+                    lora,
+                    ranks,
+                    train,
+                    local_steps,
+                    strategy,
+                },
+                stored,
+            ) => {
+                let settings = LoraSettings {
+                    lora: lora.clone(),
+                    ranks: ranks.clone(),
+                    train: train.clone(),
+                    local_steps: *local_steps,
+                    strategy: *strategy,
+                    seed: config.rounds.seed,
+                    max_norm,
+                };
+                match stored {
+                    Some(bytes) => Box::new(Lora::restore(settings, blobs.clone(), &bytes)?),
+                    None => {
+                        let initial = initial_adapter(&config, &settings)?;
+                        Box::new(Lora::new(settings, blobs.clone(), initial))
+                    }
+                }
             }
         };
         let round = algorithm.round();
@@ -174,6 +202,7 @@ impl Core {
             config,
             store,
             keys,
+            blobs,
             base_model,
             run_id,
             metrics,
@@ -296,7 +325,13 @@ impl Core {
                 match request {
                     Request::Poll(poll) => self.poll(device, poll, now),
                     Request::Report(report) => self.report(device, report, now),
-                    _ => wire(ErrorCode::BadBlob, "this run exchanges no blobs"),
+                    Request::UploadStatus { digest } => Response::UploadOffset {
+                        offset: self.blobs.upload_offset(device, &digest),
+                    },
+                    _ => wire(
+                        ErrorCode::Malformed,
+                        "blob transfers carry raw bytes on their stream",
+                    ),
                 }
             }
         }
@@ -319,7 +354,15 @@ impl Core {
                 reason: reason.into(),
             },
             PollDecision::Plan { round, time_left } => {
-                let task = running.algorithm.task(device, poll.last_seen_round);
+                let task = match running.algorithm.task(device, poll.last_seen_round) {
+                    Ok(task) => task,
+                    Err(e) => return self.internal(e),
+                };
+                if running.algorithm.tasks_change_state()
+                    && let Err(e) = self.store.put_state(&running.algorithm.state())
+                {
+                    return self.internal(e);
+                }
                 let plan = Plan {
                     run_id: self.run_id,
                     round,
@@ -452,6 +495,114 @@ impl Core {
     pub fn next_timeout(&self) -> Option<Instant> {
         self.lock().rounds.next_timeout()
     }
+}
+
+impl Core {
+    /// The authenticated, not revoked device of a session, or the refusal to send.
+    pub fn authorize(&self, session: &Session) -> Result<DeviceId, Response> {
+        let Some(device) = session.device else {
+            return Err(wire(ErrorCode::Unauthenticated, "authenticate first"));
+        };
+        match Registry::new(&self.store).record(device) {
+            Ok(Some(r)) if !r.revoked => Ok(device),
+            Ok(Some(_)) => Err(wire(
+                ErrorCode::Revoked,
+                format!("device {device} is revoked"),
+            )),
+            Ok(None) => Err(wire(ErrorCode::Unauthenticated, "device is not enrolled")),
+            Err(e) => Err(self.internal(e)),
+        }
+    }
+
+    /// A download of `digest` from `offset`: the file and its length, or the refusal.
+    pub fn download(
+        &self,
+        session: &Session,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<(std::path::PathBuf, u64), Response> {
+        self.authorize(session)?;
+        let Some(total) = self.blobs.len(digest) else {
+            return Err(wire(ErrorCode::BadBlob, format!("no blob {digest}")));
+        };
+        if offset > total {
+            return Err(wire(
+                ErrorCode::BadBlob,
+                format!("offset {offset} beyond the blob's {total} bytes"),
+            ));
+        }
+        Ok((self.blobs.path(digest), total))
+    }
+
+    /// Where the bytes of an upload go: the partial file and how many bytes may still come.
+    /// Refuses uploads over the limit, and answers with the server's offset when the device's
+    /// differs (the device resumes from there).
+    pub fn upload_target(
+        &self,
+        session: &Session,
+        digest: &Digest,
+        total: u64,
+        offset: u64,
+    ) -> Result<(DeviceId, std::path::PathBuf, u64), Response> {
+        let device = self.authorize(session)?;
+        let limit = self.config.validation.max_upload_bytes;
+        if total > limit {
+            return Err(wire(
+                ErrorCode::TooLarge,
+                format!("upload of {total} bytes exceeds {limit}"),
+            ));
+        }
+        let held = self.blobs.upload_offset(device, digest);
+        if self.blobs.len(digest).is_some() {
+            return Err(Response::Uploaded { digest: *digest });
+        }
+        if held != offset || offset > total {
+            return Err(Response::UploadOffset { offset: held });
+        }
+        Ok((
+            device,
+            self.blobs.upload_path(device, digest),
+            total - offset,
+        ))
+    }
+
+    /// After an upload's bytes arrived: complete (digest checked) or the offset held.
+    pub fn finish_upload(&self, device: DeviceId, digest: &Digest, total: u64) -> Response {
+        match self.blobs.complete_upload(device, digest, total) {
+            Ok(Some(_)) => Response::Uploaded { digest: *digest },
+            Ok(None) => Response::UploadOffset {
+                offset: self.blobs.upload_offset(device, digest),
+            },
+            Err(BlobError::Io(e)) => self.internal(e),
+            Err(e) => wire(ErrorCode::BadBlob, e.to_string()),
+        }
+    }
+}
+
+/// The global adapter a LoRA run starts from: fresh adapters at the largest rank on the base
+/// model (A Kaiming-uniform from the run's seed, B zero), as the in-process run makes it.
+fn initial_adapter(
+    config: &ServerConfig,
+    settings: &LoraSettings,
+) -> Result<fedtune_shared::lora::adapter::AdapterWeights, DaemonError> {
+    use fedtune_shared::checkpoint::{GgufSource, HfFolder, WeightSource};
+    use fedtune_shared::lora::attach::{adapter_weights, attach_fresh};
+    let device = burn::tensor::Device::flex();
+    let open = |e: fedtune_shared::checkpoint::CheckpointError| DaemonError::Model {
+        path: config.model.clone(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let source: Box<dyn WeightSource> = if config.model.is_dir() {
+        Box::new(HfFolder::open(&config.model).map_err(open)?)
+    } else {
+        Box::new(GgufSource::open(&config.model).map_err(open)?)
+    };
+    let model =
+        fedtune_shared::model::Llama::load(source.as_ref(), &device, |_, _| {}).map_err(open)?;
+    let mut fresh = settings.lora.clone();
+    fresh.rank = settings.ranks.iter().copied().max().unwrap_or(fresh.rank);
+    adapter_weights(&attach_fresh(model, &fresh, settings.seed), fresh.scaling)
+        .ok_or_else(|| DaemonError::Mismatch("the LoRA configuration adapts no layer".into()))
 }
 
 /// The seed of a device's local randomness in a round: the first 8 bytes of

@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod algorithm;
+pub mod blobs;
 pub mod config;
 pub mod daemon;
 pub mod identity;

@@ -13,7 +13,7 @@ use fedtune_shared::protocol::{
     ErrorCode, FrameError, MAX_REQUEST_FRAME, Request, Response, WireError,
 };
 use fedtune_shared::transport::TransportError;
-use fedtune_shared::transport::stream::{read_frame, write_message};
+use fedtune_shared::transport::stream::{read_frame, receive_to_file, send_file, write_message};
 use fedtune_shared::transport::tls::server_config;
 
 use crate::daemon::{Core, DaemonError, Session, TICK};
@@ -145,6 +145,54 @@ async fn serve_stream(
         Ok(body) => {
             metrics.bytes_in.inc_by(body.len() as u64 + 8);
             match decode_body::<Request>(&body) {
+                Ok(Request::Download { digest, offset }) => {
+                    let snapshot = session.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    match core.download(&snapshot, &digest, offset) {
+                        Ok((path, total)) => {
+                            let header = Response::Blob { total, offset };
+                            write_message(&mut send, &header).await?;
+                            send_file(&mut send, &path, offset, total - offset).await?;
+                            metrics.bytes_out.inc_by(total - offset);
+                            let _ = send.finish();
+                            let _ = send.stopped().await;
+                            return Ok(());
+                        }
+                        Err(refusal) => refusal,
+                    }
+                }
+                Ok(Request::Upload {
+                    digest,
+                    total,
+                    offset,
+                }) => {
+                    let snapshot = session.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    match core.upload_target(&snapshot, &digest, total, offset) {
+                        Ok((device, path, max)) => {
+                            // Bytes that arrived stay on disk even if the stream breaks: the
+                            // device resumes from what the server holds.
+                            let received = receive_to_file(&mut recv, &path, max).await;
+                            if let Ok(n) = &received {
+                                metrics.bytes_in.inc_by(*n);
+                            }
+                            let core = core.clone();
+                            match received {
+                                Ok(_) | Err(TransportError::Read(_)) => {
+                                    tokio::task::spawn_blocking(move || {
+                                        core.finish_upload(device, &digest, total)
+                                    })
+                                    .await
+                                    .unwrap_or_else(|_| internal())
+                                }
+                                Err(TransportError::Frame(e)) => {
+                                    let _ = std::fs::remove_file(&path);
+                                    refuse(&core, ErrorCode::TooLarge, e.to_string())
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        Err(refusal) => refusal,
+                    }
+                }
                 Ok(request) => {
                     let core = core.clone();
                     tokio::task::spawn_blocking(move || {
@@ -152,12 +200,7 @@ async fn serve_stream(
                         core.handle(&mut session, request, Instant::now())
                     })
                     .await
-                    .unwrap_or_else(|_| {
-                        Response::Error(WireError::new(
-                            ErrorCode::Internal,
-                            "internal server error",
-                        ))
-                    })
+                    .unwrap_or_else(|_| internal())
                 }
                 Err(e) => refuse(&core, ErrorCode::Malformed, e.to_string()),
             }
@@ -180,6 +223,10 @@ async fn serve_stream(
     // Wait until the device has the answer (or is gone) before dropping the stream.
     let _ = send.stopped().await;
     Ok(())
+}
+
+fn internal() -> Response {
+    Response::Error(WireError::new(ErrorCode::Internal, "internal server error"))
 }
 
 fn refuse(core: &Core, code: ErrorCode, message: String) -> Response {

@@ -126,7 +126,7 @@ fn client_with_hold(
         load_model(model),
         fedtune_client::trainer::TrainingData {
             sequences: data,
-            pad_id: 0,
+            ..Default::default()
         },
     )
     .unwrap();

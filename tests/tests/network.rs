@@ -236,3 +236,142 @@ async fn wrong_certificate_and_forged_plans_are_refused() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_over_quic_equals_the_in_process_loop() {
+    use fedtune_server::config::AlgorithmConfig;
+    use fedtune_shared::lora::adapter::TargetModule;
+    use fedtune_shared::lora::aggregation::{AggregationStrategy, ClientAdapter};
+    use fedtune_shared::lora::attach::{adapter_weights, attach_fresh, attach_weights};
+    use fedtune_shared::lora::config::LoraConfig;
+    use fedtune_shared::lora::federation::{adapter_for_rank, aggregate_to_rank};
+    use fedtune_shared::lora::train::{LoraTrainer, TrainConfig, TrainExample};
+    use fedtune_shared::protocol::adapter_blob::decode_adapter;
+    use fedtune_shared::protocol::{Report, ReportPayload};
+
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model_folder(dir.path(), 5);
+    let (clients, rounds) = (3usize, 3u64);
+    let lora = LoraConfig {
+        rank: 4,
+        dropout: 0.0,
+        targets: vec![TargetModule::QProj, TargetModule::VProj],
+        ..LoraConfig::default()
+    };
+    let train = TrainConfig {
+        lr: 5e-3,
+        warmup_steps: 1,
+        ..TrainConfig::default()
+    };
+    let (ranks, local_steps, strategy) = (vec![2, 4], 3, AggregationStrategy::FlexLora);
+    let mut config = server_config(&dir.path().join("server"), &model_path, clients, rounds);
+    config.rounds.keep_report_rounds = rounds + 1;
+    config.algorithm = AlgorithmConfig::Lora {
+        lora: lora.clone(),
+        ranks: ranks.clone(),
+        train: train.clone(),
+        local_steps,
+        strategy,
+    };
+    let server = TestServer::start(config);
+    let identity = server.identity();
+
+    let mut data = BTreeMap::new();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let sequences = counting((c as u32 * 5)..(c as u32 * 5 + 6), 12);
+        let (mut client, _handle) = client(
+            identity.clone(),
+            &dir.path().join(format!("client{c}")),
+            &model_path,
+            sequences.clone(),
+        );
+        let id = client.enroll(TOKEN).await.unwrap();
+        data.insert(id, sequences);
+        tasks.push(tokio::spawn(async move { client.run().await }));
+    }
+    for task in tasks {
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            Outcome::Finished { last_round: rounds }
+        );
+    }
+    let store = server.core.store();
+    let (_, checkpoint) = store.latest_checkpoint().unwrap().unwrap();
+    let served = decode_adapter(&std::fs::read(checkpoint).unwrap()).unwrap();
+    let mut stored: Vec<Vec<(DeviceId, Report)>> = Vec::new();
+    for round in 1..=rounds {
+        stored.push(
+            store
+                .reports(round)
+                .unwrap()
+                .into_iter()
+                .map(|(id, bytes)| (DeviceId(id), decode_body(&bytes).unwrap()))
+                .collect(),
+        );
+    }
+    server.stop().await;
+
+    // The in-process reference, with the ranks the devices' bandits chose (read from the stored
+    // reports: the bandits' choices depend on measured round times).
+    let device = burn::tensor::Device::flex().autodiff();
+    let base = fedtune_shared::model::Llama::load(
+        &fedtune_shared::checkpoint::HfFolder::open(&model_path).unwrap(),
+        &device,
+        |_, _| {},
+    )
+    .unwrap();
+    let seed = fedtune_server::config::RoundSettings::default().seed;
+    let max_rank = *ranks.iter().max().unwrap();
+    let mut fresh = lora.clone();
+    fresh.rank = max_rank;
+    let mut global =
+        adapter_weights(&attach_fresh(base.clone(), &fresh, seed), fresh.scaling).unwrap();
+    let mut steps: BTreeMap<DeviceId, usize> = BTreeMap::new();
+    let mut used_ranks = std::collections::BTreeSet::new();
+    for (r, reports) in stored.iter().enumerate() {
+        let round = r as u64 + 1;
+        assert_eq!(reports.len(), clients);
+        let mut uploads = Vec::new();
+        for (id, report) in reports {
+            let ReportPayload::Lora { rank, .. } = report.payload else {
+                panic!("not a LoRA report")
+            };
+            used_ranks.insert(rank);
+            let sent = adapter_for_rank(&global, rank, strategy).unwrap();
+            let model = attach_weights(base.clone(), &sent, 0.0).unwrap();
+            let examples: Vec<TrainExample> =
+                data[id].iter().cloned().map(TrainExample::text).collect();
+            let mut trainer = LoraTrainer::new(train.clone(), steps.get(id).copied().unwrap_or(0));
+            let mut rng = ChaCha8Rng::seed_from_u64(local_seed(seed, round, *id));
+            let (trained, outcome) = trainer.train_round(model, &examples, local_steps, &mut rng);
+            *steps.entry(*id).or_default() += local_steps;
+            assert_eq!(
+                outcome.mean_loss.to_bits(),
+                report.stats.mean_loss.to_bits(),
+                "round {round}: training losses differ"
+            );
+            uploads.push(ClientAdapter {
+                weights: adapter_weights(&trained, lora.scaling).unwrap(),
+                samples: outcome.samples.max(1),
+            });
+        }
+        global = aggregate_to_rank(strategy, &uploads, max_rank, &global).unwrap();
+    }
+    assert_eq!(
+        used_ranks.len(),
+        2,
+        "the bandits never tried both ranks: {used_ranks:?}"
+    );
+    assert_eq!(
+        served, global,
+        "the daemon's adapter differs from the in-process loop's"
+    );
+    assert!(
+        global
+            .layers
+            .values()
+            .any(|f| f.b.iter().any(|&v| v != 0.0)),
+        "training changed nothing"
+    );
+}

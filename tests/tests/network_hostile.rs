@@ -235,6 +235,7 @@ fn fedkseed_report(run_id: u64, round: u64, seed_grads: Vec<(u32, f32)>, samples
             samples,
             mean_loss: 3.5,
             first_loss: 3.6,
+            loss_after: 3.5,
             wall_s: 0.25,
             peak_rss_bytes: None,
         },

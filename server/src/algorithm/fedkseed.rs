@@ -63,13 +63,13 @@ impl ServerAlgorithm for FedKSeed {
         self.server.round()
     }
 
-    fn task(&mut self, _device: DeviceId, last_seen: u64) -> Task {
-        Task::FedKSeed {
+    fn task(&mut self, _device: DeviceId, last_seen: u64) -> Result<Task, AlgorithmError> {
+        Ok(Task::FedKSeed {
             plan: self
                 .server
                 .plan(last_seen.min(self.server.round().saturating_sub(1))),
             batch_size: self.batch_size,
-        }
+        })
     }
 
     fn validate(&self, _device: DeviceId, report: &Report) -> Result<(), Rejection> {

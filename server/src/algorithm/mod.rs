@@ -3,6 +3,7 @@
 //! inside the algorithm's state; it stores the bytes [`ServerAlgorithm::state`] gives it.
 
 pub mod fedkseed;
+pub mod lora;
 
 use fedtune_shared::protocol::{DeviceId, ErrorCode, Report, Task, WireError};
 use serde::{Deserialize, Serialize};
@@ -66,7 +67,13 @@ pub trait ServerAlgorithm: Send {
     fn round(&self) -> u64;
 
     /// The task of `device` in the current round; its model reflects rounds up to `last_seen`.
-    fn task(&mut self, device: DeviceId, last_seen: u64) -> Task;
+    fn task(&mut self, device: DeviceId, last_seen: u64) -> Result<Task, AlgorithmError>;
+
+    /// True when [`Self::task`] changes the state in a way that must survive a restart (which
+    /// rank a device was given), so the daemon stores the state after each new task.
+    fn tasks_change_state(&self) -> bool {
+        false
+    }
 
     /// Checks a report's content (shapes, ranges, finiteness, norm). Round and device were
     /// checked by the orchestrator.

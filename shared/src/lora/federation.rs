@@ -169,7 +169,7 @@ pub fn run_lora_federation(
             let rank = bandits[c].arms()[arm].lora_rank;
             let mut lora = config.lora.clone();
             lora.rank = rank;
-            let sent = for_rank(&global, rank, config.strategy)?;
+            let sent = adapter_for_rank(&global, rank, config.strategy)?;
             stats.download_bytes += wire_size(&sent);
             let model = attach_weights(base.clone(), &sent, lora.dropout)
                 .map_err(|e| LoraFederationError::Invalid(e.to_string()))?;
@@ -238,7 +238,7 @@ pub fn run_lora_federation(
 /// FlexLoRA keeps `max_rank` singular directions however small the round's ranks. HetLoRA's
 /// global rank is the round's largest client rank; the directions above it, which no client
 /// trained this round, keep their values from `previous` (rescaled to the new rank's scale).
-fn aggregate_to_rank(
+pub fn aggregate_to_rank(
     strategy: AggregationStrategy,
     uploads: &[ClientAdapter],
     max_rank: usize,
@@ -281,7 +281,7 @@ fn extend_with(low: AdapterWeights, high: &AdapterWeights) -> AdapterWeights {
 /// The adapter a client of rank `rank` receives from the last global adapter (kept at the
 /// largest rank): re-aggregating one "client" of that adapter with the run's strategy gives
 /// every strategy's own rule for changing rank (truncation for HetLoRA, the SVD for FlexLoRA).
-fn for_rank(
+pub fn adapter_for_rank(
     global: &AdapterWeights,
     rank: usize,
     strategy: AggregationStrategy,

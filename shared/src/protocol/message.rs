@@ -135,6 +135,8 @@ pub struct LoraTask {
     pub adapter: Option<BlobRef>,
     /// Seed of a fresh adapter's initialisation.
     pub adapter_seed: u64,
+    /// The device's position in the learning-rate schedule (steps it trained in earlier rounds).
+    pub first_step: usize,
 }
 
 /// A blob the device downloads separately (large payloads never travel inside a frame).
@@ -181,8 +183,11 @@ pub struct LocalStats {
     pub samples: u64,
     /// Mean training loss.
     pub mean_loss: f32,
-    /// Loss of the first step.
+    /// Loss before the round's training (LoRA: on a fixed probe of the device's data; the
+    /// bandit's measure of progress).
     pub first_loss: f32,
+    /// Loss after the round's training, on the same probe.
+    pub loss_after: f32,
     /// Wall time of the local work, seconds.
     pub wall_s: f64,
     /// Peak resident memory, where known.

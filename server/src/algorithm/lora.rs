@@ -1,0 +1,392 @@
+//! LoRA on the daemon: each device's bandit picks its rank for the round, the device receives
+//! the global adapter at that rank (a blob), trains, uploads its adapter (a blob) and reports;
+//! the round's adapters are combined with the configured strategy (FedAvg, HetLoRA, FlexLoRA)
+//! into the global adapter kept at the largest rank, and every device's bandit is rewarded by
+//! its loss progress per unit of (its) round time. The same steps as the in-process
+//! [`fedtune_shared::lora::federation`], in the same order, so both give the same adapter.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use fedtune_shared::bandit::reward::{
+    RewardModel, RoundObservation, ThroughputReward, median_round_time_s,
+};
+use fedtune_shared::bandit::{Arm, BanditPolicy, DeviceBandit};
+use fedtune_shared::lora::adapter::AdapterWeights;
+use fedtune_shared::lora::aggregation::{AggregationStrategy, ClientAdapter};
+use fedtune_shared::lora::config::LoraConfig;
+use fedtune_shared::lora::federation::{adapter_for_rank, aggregate_to_rank};
+use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
+use fedtune_shared::protocol::frame::{HEADER_LEN, decode_body, encode};
+use fedtune_shared::protocol::{BlobRef, DeviceId, LoraTask, Report, ReportPayload, Task};
+use serde::{Deserialize, Serialize};
+
+use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm, weighted_loss};
+use crate::blobs::Blobs;
+
+/// The run's fixed settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    /// Adapter settings; `rank` is ignored (the bandit picks it from `ranks`).
+    pub lora: LoraConfig,
+    /// Ranks to choose from.
+    pub ranks: Vec<usize>,
+    /// Optimiser settings.
+    pub train: TrainConfig,
+    /// Steps per round.
+    pub local_steps: usize,
+    /// Aggregation strategy.
+    pub strategy: AggregationStrategy,
+    /// Seed of bandits and fresh adapters.
+    pub seed: u64,
+    /// Bound on `‖s·B·A‖_F` summed over layers (`None`: none).
+    pub max_norm: Option<f64>,
+}
+
+impl LoraSettings {
+    fn max_rank(&self) -> usize {
+        self.ranks.iter().copied().max().unwrap_or(self.lora.rank)
+    }
+}
+
+/// What a device was given this round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Assignment {
+    arm: usize,
+    rank: usize,
+    sent: BlobRef,
+}
+
+/// Everything that changes from round to round (stored after each).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    round: u64,
+    global: AdapterWeights,
+    bandits: BTreeMap<DeviceId, DeviceBandit>,
+    steps: BTreeMap<DeviceId, usize>,
+    assigned: BTreeMap<DeviceId, Assignment>,
+    /// Blobs of the previous round (sent and uploaded), deleted once the round after it is
+    /// aggregated: by then no stored report refers to them.
+    stale: Vec<BlobRef>,
+}
+
+/// LoRA's server side.
+pub struct Lora {
+    settings: LoraSettings,
+    blobs: Blobs,
+    state: State,
+}
+
+impl Lora {
+    /// A fresh run whose global adapter starts as `initial` (at the largest rank).
+    pub fn new(settings: LoraSettings, blobs: Blobs, initial: AdapterWeights) -> Self {
+        Self {
+            settings,
+            blobs,
+            state: State {
+                round: 1,
+                global: initial,
+                bandits: BTreeMap::new(),
+                steps: BTreeMap::new(),
+                assigned: BTreeMap::new(),
+                stale: Vec::new(),
+            },
+        }
+    }
+
+    /// A run restored from [`ServerAlgorithm::state`] bytes.
+    pub fn restore(
+        settings: LoraSettings,
+        blobs: Blobs,
+        bytes: &[u8],
+    ) -> Result<Self, AlgorithmError> {
+        let state: State =
+            decode_body(bytes).map_err(|e| AlgorithmError::Corrupt(e.to_string()))?;
+        Ok(Self {
+            settings,
+            blobs,
+            state,
+        })
+    }
+
+    /// The global adapter (at the largest rank).
+    pub fn global(&self) -> &AdapterWeights {
+        &self.state.global
+    }
+
+    fn bandit(&mut self, device: DeviceId) -> Result<&mut DeviceBandit, AlgorithmError> {
+        if !self.state.bandits.contains_key(&device) {
+            let arms = self.settings.ranks.iter().map(|&r| Arm::lora(r)).collect();
+            // Each device's bandit has its own seed, fixed by the run and the device.
+            let seed = self.settings.seed
+                ^ u64::from_le_bytes(device.0[..8].try_into().unwrap_or_default());
+            let bandit = DeviceBandit::new(arms, BanditPolicy::default(), seed)
+                .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+            self.state.bandits.insert(device, bandit);
+        }
+        self.state
+            .bandits
+            .get_mut(&device)
+            .ok_or_else(|| AlgorithmError::Aggregation("bandit vanished".into()))
+    }
+}
+
+fn body<T: Serialize>(value: &T) -> Vec<u8> {
+    encode(value)
+        .map(|f| f[HEADER_LEN..].to_vec())
+        .unwrap_or_default()
+}
+
+/// `‖s·B·A‖_F` summed over layers, from the r×r Gram matrices (`‖BA‖²_F = Σ (BᵀB ∘ AAᵀ)`), so
+/// the dense product is never formed.
+fn update_norm(adapter: &AdapterWeights) -> f64 {
+    let s = adapter.scale() as f64;
+    adapter
+        .layers
+        .values()
+        .map(|f| {
+            let r = f.rank;
+            let mut gb = vec![0.0f64; r * r];
+            for row in f.b.chunks_exact(r) {
+                for i in 0..r {
+                    for j in 0..r {
+                        gb[i * r + j] += row[i] as f64 * row[j] as f64;
+                    }
+                }
+            }
+            let mut total = 0.0;
+            for i in 0..r {
+                for j in 0..r {
+                    let ai = &f.a[i * f.d_in..(i + 1) * f.d_in];
+                    let aj = &f.a[j * f.d_in..(j + 1) * f.d_in];
+                    let ga: f64 = ai.iter().zip(aj).map(|(&x, &y)| x as f64 * y as f64).sum();
+                    total += gb[i * r + j] * ga;
+                }
+            }
+            s * total.max(0.0).sqrt()
+        })
+        .sum()
+}
+
+impl ServerAlgorithm for Lora {
+    fn round(&self) -> u64 {
+        self.state.round
+    }
+
+    fn task(&mut self, device: DeviceId, _last_seen: u64) -> Result<Task, AlgorithmError> {
+        let assignment = match self.state.assigned.get(&device) {
+            // A device that polls again in the same round (after a reconnect) gets the same work.
+            Some(a) => a.clone(),
+            None => {
+                let bandit = self.bandit(device)?;
+                let arm = bandit.select();
+                let rank = bandit.arms()[arm].lora_rank;
+                let adapter = adapter_for_rank(&self.state.global, rank, self.settings.strategy)
+                    .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+                let sent = self
+                    .blobs
+                    .put(&encode_adapter(&adapter))
+                    .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+                let a = Assignment { arm, rank, sent };
+                self.state.assigned.insert(device, a.clone());
+                a
+            }
+        };
+        let mut lora = self.settings.lora.clone();
+        lora.rank = assignment.rank;
+        Ok(Task::Lora(LoraTask {
+            lora,
+            train: self.settings.train.clone(),
+            local_steps: self.settings.local_steps,
+            adapter: Some(assignment.sent),
+            adapter_seed: self.settings.seed,
+            first_step: self.state.steps.get(&device).copied().unwrap_or(0),
+        }))
+    }
+
+    fn tasks_change_state(&self) -> bool {
+        true
+    }
+
+    fn validate(&self, device: DeviceId, report: &Report) -> Result<(), Rejection> {
+        let ReportPayload::Lora { adapter, rank } = &report.payload else {
+            return Err(Rejection::new(
+                "payload",
+                "this run is LoRA; the report carries another algorithm's payload",
+            ));
+        };
+        let Some(assigned) = self.state.assigned.get(&device) else {
+            return Err(Rejection::new(
+                "not_assigned",
+                "no adapter was sent to this device this round",
+            ));
+        };
+        if *rank != assigned.rank {
+            return Err(Rejection::new(
+                "shape",
+                format!("rank {rank}, the device was assigned {}", assigned.rank),
+            ));
+        }
+        let stats = &report.stats;
+        let max_samples =
+            (self.settings.local_steps * self.settings.train.batch_size.max(1)) as u64;
+        if stats.samples == 0 || stats.samples > max_samples {
+            return Err(Rejection::new(
+                "samples",
+                format!("{} samples, a round has 1..={max_samples}", stats.samples),
+            ));
+        }
+        let losses_finite = [stats.first_loss, stats.loss_after, stats.mean_loss]
+            .iter()
+            .all(|l| l.is_finite());
+        let time_valid = stats.wall_s.is_finite() && stats.wall_s >= 0.0;
+        if !losses_finite || !time_valid {
+            return Err(Rejection::new("not_finite", "loss or time is not finite"));
+        }
+        if self.blobs.len(&adapter.digest) != Some(adapter.len) {
+            return Err(Rejection::new(
+                "blob",
+                "the adapter was not uploaded (or its length differs)",
+            ));
+        }
+        let bytes = self
+            .blobs
+            .read(&adapter.digest)
+            .map_err(|e| Rejection::new("blob", e.to_string()))?;
+        let weights = decode_adapter(&bytes).map_err(|e| {
+            let kind = match e {
+                fedtune_shared::protocol::adapter_blob::AdapterBlobError::NotFinite { .. } => {
+                    "not_finite"
+                }
+                _ => "shape",
+            };
+            Rejection::new(kind, e.to_string())
+        })?;
+        if weights.rank != *rank || weights.scaling != self.settings.lora.scaling {
+            return Err(Rejection::new(
+                "shape",
+                "adapter rank or scaling differs from the plan",
+            ));
+        }
+        let global = &self.state.global;
+        if weights.layers.len() != global.layers.len() {
+            return Err(Rejection::new(
+                "shape",
+                "adapter layers differ from the run's",
+            ));
+        }
+        for (at, f) in &weights.layers {
+            let Some(g) = global.layers.get(at) else {
+                return Err(Rejection::new("shape", format!("unexpected layer {at:?}")));
+            };
+            if (f.d_in, f.d_out) != (g.d_in, g.d_out) {
+                return Err(Rejection::new(
+                    "shape",
+                    format!("layer {at:?} has the wrong shape"),
+                ));
+            }
+        }
+        if let Some(max) = self.settings.max_norm {
+            let norm = update_norm(&weights);
+            if norm > max {
+                return Err(Rejection::new(
+                    "norm",
+                    format!("update norm {norm:.3e} exceeds the bound {max:.3e}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn aggregate(
+        &mut self,
+        reports: &[(DeviceId, Report)],
+    ) -> Result<RoundSummary, AlgorithmError> {
+        let start = Instant::now();
+        let round = self.state.round;
+        let mut next = self.state.clone();
+        let mut uploads = Vec::new();
+        let mut observations = Vec::new();
+        let mut uploaded = Vec::new();
+        for (device, report) in reports {
+            let ReportPayload::Lora { adapter, .. } = &report.payload else {
+                return Err(AlgorithmError::Aggregation(
+                    "a non-LoRA report was stored".into(),
+                ));
+            };
+            let bytes = self
+                .blobs
+                .read(&adapter.digest)
+                .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+            let weights =
+                decode_adapter(&bytes).map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+            uploads.push(ClientAdapter {
+                weights,
+                samples: report.stats.samples.max(1),
+            });
+            uploaded.push(*adapter);
+            if let Some(a) = next.assigned.get(device) {
+                observations.push((
+                    *device,
+                    a.arm,
+                    RoundObservation {
+                        loss_before: report.stats.first_loss,
+                        loss_after: report.stats.loss_after,
+                        round_time_s: report.stats.wall_s.max(1e-9),
+                    },
+                ));
+            }
+            *next.steps.entry(*device).or_default() += self.settings.local_steps;
+        }
+        next.global = aggregate_to_rank(
+            self.settings.strategy,
+            &uploads,
+            self.settings.max_rank(),
+            &self.state.global,
+        )
+        .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+        let times: Vec<f64> = observations
+            .iter()
+            .map(|(_, _, o)| o.round_time_s)
+            .collect();
+        if let Ok(median) = median_round_time_s(&times) {
+            for (device, arm, observation) in &observations {
+                match ThroughputReward.reward(observation, median) {
+                    Ok(r) => {
+                        if let Some(b) = next.bandits.get_mut(device) {
+                            let _ = b.update(*arm, r);
+                        }
+                    }
+                    Err(e) => tracing::warn!(%device, error = %e, "no reward this round"),
+                }
+            }
+        }
+        // Blobs of the round before are no longer referenced by any stored report.
+        for stale in std::mem::take(&mut next.stale) {
+            self.blobs.remove(&stale.digest);
+        }
+        next.stale = uploaded;
+        next.stale.extend(next.assigned.values().map(|a| a.sent));
+        next.assigned.clear();
+        next.round += 1;
+        self.state = next;
+        let (samples, mean_loss) = weighted_loss(reports);
+        tracing::info!(round, ranks = ?reports.len(), "LoRA round aggregated");
+        Ok(RoundSummary {
+            round,
+            reports: reports.len(),
+            samples,
+            mean_loss,
+            aggregation_s: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn state(&self) -> Vec<u8> {
+        body(&self.state)
+    }
+
+    fn checkpoint(&self) -> Vec<u8> {
+        encode_adapter(&self.state.global)
+    }
+}
