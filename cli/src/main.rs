@@ -5,6 +5,7 @@ mod bench;
 mod fedkseed;
 mod fetch;
 mod lora;
+mod network;
 mod role_clients;
 
 use std::io::Write;
@@ -185,6 +186,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The aggregation daemon (QUIC), or with a subcommand: issue a token, revoke a device.
+    Server(network::ServerArgs),
+    /// A device: enroll with a token once, then train on local text whenever the server asks.
+    Client(network::ClientArgs),
     /// Fold a PEFT LoRA adapter into its base model and write a Hugging Face safetensors model.
     Merge {
         #[command(flatten)]
@@ -583,6 +588,8 @@ fn main() -> anyhow::Result<()> {
             };
             lora::run(pretrained, &texts, &settings)?;
         }
+        Command::Server(args) => network::server(args)?,
+        Command::Client(args) => network::client(args)?,
         Command::Merge {
             model,
             adapter,

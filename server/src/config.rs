@@ -309,4 +309,14 @@ mod tests {
             Err(ConfigError::Invalid(_))
         ));
     }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
+        for name in ["server.toml", "server-lora.toml"] {
+            let config =
+                ServerConfig::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(config.metrics.is_some(), "{name}");
+        }
+    }
 }

@@ -55,6 +55,25 @@ pub async fn run(config: ServerConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Issues an enrollment token good for `uses` devices and returns it. The daemon must be stopped
+/// (the store admits one process).
+pub fn issue_token(config: &ServerConfig, uses: u32) -> Result<String, DaemonError> {
+    let store = store::Store::open(&config.state_dir.join("store"))?;
+    let token = fedtune_shared::protocol::auth::hex_encode(&rand::random::<[u8; 16]>());
+    registry::Registry::new(&store).add_token(&token, uses)?;
+    Ok(token)
+}
+
+/// Revokes a device. The daemon must be stopped (the store admits one process).
+pub fn revoke(
+    config: &ServerConfig,
+    device: fedtune_shared::protocol::DeviceId,
+) -> Result<(), DaemonError> {
+    let store = store::Store::open(&config.state_dir.join("store"))?;
+    registry::Registry::new(&store).revoke(device)?;
+    Ok(())
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {

@@ -11,8 +11,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fedtune_server::ServerConfig;
-use fedtune_server::registry::Registry;
-use fedtune_server::store::Store;
 use fedtune_shared::protocol::DeviceId;
 
 #[derive(Parser)]
@@ -57,17 +55,14 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(fedtune_server::run(config))?;
         }
         Some(Command::Token { uses }) => {
-            let store = Store::open(&config.state_dir.join("store"))
-                .context("open the store (is the daemon running?)")?;
-            let token = fedtune_shared::protocol::auth::hex_encode(&rand::random::<[u8; 16]>());
-            Registry::new(&store).add_token(&token, uses)?;
+            let token = fedtune_server::issue_token(&config, uses)
+                .context("issue a token (is the daemon running? stop it first)")?;
             println!("{token}");
         }
         Some(Command::Revoke { device }) => {
             let id = DeviceId::parse(&device).context("a device id is 32 hex digits")?;
-            let store = Store::open(&config.state_dir.join("store"))
-                .context("open the store (is the daemon running?)")?;
-            Registry::new(&store).revoke(id)?;
+            fedtune_server::revoke(&config, id)
+                .context("revoke (is the daemon running? stop it first)")?;
             println!("revoked {id}");
         }
     }
