@@ -101,6 +101,10 @@ impl Listener {
     }
 }
 
+/// How long a device may take to send one request frame; a stream that stalls longer is
+/// answered as truncated and its task ends.
+const FRAME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn serve_connection(
     core: Arc<Core>,
     incoming: quinn::Incoming,
@@ -141,7 +145,15 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
 ) -> Result<(), TransportError> {
     let metrics = core.metrics().clone();
-    let response = match read_frame(&mut recv, MAX_REQUEST_FRAME).await {
+    let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame(&mut recv, MAX_REQUEST_FRAME))
+        .await
+        .unwrap_or_else(|_| {
+            Err(TransportError::Frame(FrameError::Truncated {
+                expected: 0,
+                got: 0,
+            }))
+        });
+    let response = match frame {
         Ok(body) => {
             metrics.bytes_in.inc_by(body.len() as u64 + 8);
             match decode_body::<Request>(&body) {

@@ -36,14 +36,22 @@ pub async fn read_frame(recv: &mut RecvStream, limit: usize) -> Result<Vec<u8>, 
         quinn::ReadExactError::ReadError(e) => TransportError::Read(e.to_string()),
     })?;
     let header = FrameHeader::parse(&header, limit)?;
-    let mut body = vec![0u8; header.len as usize];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(got) => TransportError::Frame(FrameError::Truncated {
-            expected: header.len as usize,
-            got,
-        }),
-        quinn::ReadExactError::ReadError(e) => TransportError::Read(e.to_string()),
-    })?;
+    // Memory grows with the bytes that arrive, not with the length a peer declares: a header
+    // claiming the limit and then silence costs one chunk.
+    let len = header.len as usize;
+    let mut body = Vec::with_capacity(len.min(CHUNK_BYTES));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(TransportError::Frame(FrameError::Truncated {
+                    expected: len,
+                    got: body.len(),
+                }));
+            }
+            Err(e) => return Err(TransportError::Read(e.to_string())),
+        }
+    }
     Ok(body)
 }
 
