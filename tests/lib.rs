@@ -208,4 +208,40 @@ pub mod network {
         )
         .expect("client")
     }
+
+    /// The in-process FedKSeed loop the daemon must equal: every device in every round, in
+    /// device-id order (the daemon's aggregation order), each with its data and the local seed
+    /// its plan carries. Returns the server state and the global model after `rounds`.
+    pub fn fedkseed_reference(
+        model: &Path,
+        data: &std::collections::BTreeMap<fedtune_shared::protocol::DeviceId, Vec<Vec<u32>>>,
+        rounds: u64,
+    ) -> (fedtune_shared::zo::round::ZoServer, Llama) {
+        use fedtune_shared::zo::federation::local_round;
+        use fedtune_shared::zo::round::{ZoServer, replay};
+        use fedtune_shared::zo::seed_pool::SeedPool;
+        use rand::SeedableRng;
+
+        let run = fedkseed_run();
+        let pool = SeedPool::new(run.run_seed, run.k as usize);
+        let mut global = load_model(model);
+        let mut server = ZoServer::new(run.clone());
+        let seed = RoundSettings::default().seed;
+        for round in 1..=rounds {
+            let plan = server.plan(round - 1);
+            let reports: Vec<_> = data
+                .iter()
+                .map(|(id, sequences)| {
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                        fedtune_server::daemon::local_seed(seed, round, *id),
+                    );
+                    local_round(&global, &plan, &pool, sequences, 1, 0, &mut rng).0
+                })
+                .collect();
+            let (delta, rejected) = server.aggregate(&reports);
+            assert!(rejected.is_empty(), "{rejected:?}");
+            global = replay(global, &run, &pool, &delta);
+        }
+        (server, global)
+    }
 }

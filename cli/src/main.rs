@@ -187,7 +187,7 @@ enum Command {
         json: bool,
     },
     /// The aggregation daemon (QUIC), or with a subcommand: issue a token, revoke a device.
-    Server(network::ServerArgs),
+    Server(fedtune_server::command::ServerArgs),
     /// A device: enroll with a token once, then train on local text whenever the server asks.
     Client(network::ClientArgs),
     /// Fold a PEFT LoRA adapter into its base model and write a Hugging Face safetensors model.

@@ -6,62 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand};
+use clap::Args;
 use fedtune_client::trainer::TrainingData;
 use fedtune_client::{Always, Client, ClientConfig, Event, Outcome};
-use fedtune_server::ServerConfig;
+use fedtune_shared::protocol::Capabilities;
 use fedtune_shared::protocol::blob::model_digest;
-use fedtune_shared::protocol::{Capabilities, DeviceId};
 use fedtune_shared::transport::identity::ServerIdentity;
 
 use crate::ModelArgs;
 
-/// `fedtune server`.
-#[derive(Debug, Args)]
-pub struct ServerArgs {
-    /// The server configuration (TOML; see examples/server.toml).
-    #[arg(long)]
-    config: PathBuf,
-    #[command(subcommand)]
-    command: Option<ServerCommand>,
-}
-
-#[derive(Debug, Subcommand)]
-enum ServerCommand {
-    /// Issue an enrollment token and print it (with the daemon stopped).
-    Token {
-        /// Devices it may enroll.
-        #[arg(long, default_value_t = 1)]
-        uses: u32,
-    },
-    /// Revoke a device by its id (with the daemon stopped).
-    Revoke {
-        /// The device id (32 hex digits, as the daemon logs it).
-        device: String,
-    },
-}
-
 /// Runs `fedtune server`.
-pub fn server(args: ServerArgs) -> anyhow::Result<()> {
-    let config = ServerConfig::load(&args.config)?;
-    match args.command {
-        None => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(fedtune_server::run(config))?;
-        }
-        Some(ServerCommand::Token { uses }) => {
-            let token = fedtune_server::issue_token(&config, uses)
-                .context("issue a token (stop the daemon first)")?;
-            println!("{token}");
-        }
-        Some(ServerCommand::Revoke { device }) => {
-            let id = DeviceId::parse(&device).context("a device id is 32 hex digits")?;
-            fedtune_server::revoke(&config, id).context("revoke (stop the daemon first)")?;
-            println!("revoked {id}");
-        }
-    }
+pub fn server(args: fedtune_server::command::ServerArgs) -> anyhow::Result<()> {
+    fedtune_server::command::execute(args)?;
     Ok(())
 }
 

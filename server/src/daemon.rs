@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use fedtune_shared::protocol::auth::EXPORTER_LEN;
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::blob::model_digest;
-use fedtune_shared::protocol::frame::{HEADER_LEN, decode_body, encode};
+use fedtune_shared::protocol::frame::{decode_body, encode_body};
 use fedtune_shared::protocol::{
     DeviceId, Digest, ErrorCode, Plan, PollRequest, Report, Request, Response, WireError,
 };
@@ -107,9 +107,8 @@ fn wire(code: ErrorCode, message: impl Into<String>) -> Response {
 }
 
 fn body_of<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    encode(value)
-        .map(|f| f[HEADER_LEN..].to_vec())
-        .unwrap_or_default()
+    // Records of plain numbers and strings always encode.
+    encode_body(value).unwrap_or_default()
 }
 
 impl Core {

@@ -7,12 +7,14 @@
 //! - [`registry`] — devices, enrollment tokens, keys, revocation;
 //! - [`store`] — durable records (redb) and checkpoints;
 //! - [`identity`] — the server's TLS certificate and plan-signing key;
-//! - [`daemon`] — the core that answers requests; [`transport`]: QUIC; [`metrics`]: Prometheus.
+//! - [`blobs`] — adapter files served and uploaded; [`command`] — the command line;
+//! - [`daemon`] — the core that answers requests; [`transport`] — QUIC; [`metrics`] — Prometheus.
 
 #![warn(missing_docs)]
 
 pub mod algorithm;
 pub mod blobs;
+pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod identity;

@@ -15,19 +15,14 @@ use std::time::{Duration, Instant};
 use fedtune_client::{Event, Outcome};
 use fedtune_server::ServerConfig;
 use fedtune_server::algorithm::RoundSummary;
-use fedtune_server::daemon::local_seed;
 use fedtune_server::registry::Registry;
 use fedtune_server::store::Store;
 use fedtune_shared::protocol::DeviceId;
 use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::decode_body;
 use fedtune_shared::transport::identity::ServerIdentity;
-use fedtune_shared::zo::federation::local_round;
-use fedtune_shared::zo::round::{ZoServer, replay};
-use fedtune_shared::zo::seed_pool::SeedPool;
+use fedtune_shared::zo::round::ZoServer;
 use fedtune_tests::network::*;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 const CONFIG_VAR: &str = "FEDTUNE_DAEMON_CONFIG";
 
@@ -139,23 +134,7 @@ fn reference_history(
     data: &BTreeMap<DeviceId, Vec<Vec<u32>>>,
     rounds: u64,
 ) -> Vec<u32> {
-    let run = fedkseed_run();
-    let pool = SeedPool::new(run.run_seed, run.k as usize);
-    let mut global = load_model(model);
-    let mut server = ZoServer::new(run.clone());
-    let seed = fedtune_server::config::RoundSettings::default().seed;
-    for round in 1..=rounds {
-        let plan = server.plan(round - 1);
-        let reports: Vec<_> = data
-            .iter()
-            .map(|(id, sequences)| {
-                let mut rng = ChaCha8Rng::seed_from_u64(local_seed(seed, round, *id));
-                local_round(&global, &plan, &pool, sequences, 1, 0, &mut rng).0
-            })
-            .collect();
-        let (delta, _) = server.aggregate(&reports);
-        global = replay(global, &run, &pool, &delta);
-    }
+    let (server, _) = fedkseed_reference(model, data, rounds);
     server.history().iter().map(|v| v.to_bits()).collect()
 }
 

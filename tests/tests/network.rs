@@ -8,7 +8,6 @@ use fedtune_server::daemon::local_seed;
 use fedtune_server::registry::Registry;
 use fedtune_shared::protocol::frame::decode_body;
 use fedtune_shared::protocol::{DeviceId, ErrorCode};
-use fedtune_shared::zo::federation::local_round;
 use fedtune_shared::zo::round::{ZoServer, replay};
 use fedtune_shared::zo::seed_pool::SeedPool;
 use fedtune_tests::network::*;
@@ -74,25 +73,9 @@ async fn fedkseed_over_quic_equals_the_in_process_loop() {
     server.stop().await;
 
     // The in-process reference: same run, same devices in id order, same local seeds.
+    let (reference, global) = fedkseed_reference(&model_path, &data, rounds);
     let run = fedkseed_run();
     let pool = SeedPool::new(run.run_seed, run.k as usize);
-    let base = load_model(&model_path);
-    let mut global = base.clone();
-    let mut reference = ZoServer::new(run.clone());
-    let seed = fedtune_server::config::RoundSettings::default().seed;
-    for round in 1..=rounds {
-        let plan = reference.plan(round - 1);
-        let reports: Vec<_> = data
-            .iter()
-            .map(|(id, sequences)| {
-                let mut rng = ChaCha8Rng::seed_from_u64(local_seed(seed, round, *id));
-                local_round(&global, &plan, &pool, sequences, 1, 0, &mut rng).0
-            })
-            .collect();
-        let (delta, rejected) = reference.aggregate(&reports);
-        assert!(rejected.is_empty());
-        global = replay(global, &run, &pool, &delta);
-    }
     assert_eq!(served.round(), rounds + 1);
     assert_eq!(
         served

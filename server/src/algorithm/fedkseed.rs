@@ -7,7 +7,7 @@ use std::time::Instant;
 use fedtune_shared::protocol::{DeviceId, Report, ReportPayload, Task};
 use fedtune_shared::zo::round::{ClientReport, ReportError, ZoRunConfig, ZoServer};
 
-use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm, weighted_loss};
+use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
 
 /// FedKSeed's server side.
 #[derive(Debug, Clone)]
@@ -181,20 +181,12 @@ impl ServerAlgorithm for FedKSeed {
             return Err(AlgorithmError::Aggregation(e.to_string()));
         }
         self.server = next;
-        let (samples, mean_loss) = weighted_loss(reports);
-        Ok(RoundSummary {
-            round,
-            reports: reports.len(),
-            samples,
-            mean_loss,
-            aggregation_s: start.elapsed().as_secs_f64(),
-        })
+        Ok(RoundSummary::of(round, reports, start))
     }
 
     fn state(&self) -> Vec<u8> {
-        fedtune_shared::protocol::frame::encode(&self.server)
-            .map(|frame| frame[fedtune_shared::protocol::frame::HEADER_LEN..].to_vec())
-            .unwrap_or_default()
+        // The history is plain numbers: it always encodes.
+        fedtune_shared::protocol::frame::encode_body(&self.server).unwrap_or_default()
     }
 
     fn checkpoint(&self) -> Vec<u8> {

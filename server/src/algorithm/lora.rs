@@ -18,11 +18,11 @@ use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::federation::{adapter_for_rank, aggregate_to_rank};
 use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
-use fedtune_shared::protocol::frame::{HEADER_LEN, decode_body, encode};
+use fedtune_shared::protocol::frame::{decode_body, encode_body};
 use fedtune_shared::protocol::{BlobRef, DeviceId, LoraTask, Report, ReportPayload, Task};
 use serde::{Deserialize, Serialize};
 
-use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm, weighted_loss};
+use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
 use crate::blobs::Blobs;
 
 /// The run's fixed settings.
@@ -130,12 +130,6 @@ impl Lora {
             .get_mut(&device)
             .ok_or_else(|| AlgorithmError::Aggregation("bandit vanished".into()))
     }
-}
-
-fn body<T: Serialize>(value: &T) -> Vec<u8> {
-    encode(value)
-        .map(|f| f[HEADER_LEN..].to_vec())
-        .unwrap_or_default()
 }
 
 /// `‖s·B·A‖_F` summed over layers, from the r×r Gram matrices (`‖BA‖²_F = Σ (BᵀB ∘ AAᵀ)`), so
@@ -371,19 +365,13 @@ impl ServerAlgorithm for Lora {
         next.assigned.clear();
         next.round += 1;
         self.state = next;
-        let (samples, mean_loss) = weighted_loss(reports);
         tracing::info!(round, ranks = ?reports.len(), "LoRA round aggregated");
-        Ok(RoundSummary {
-            round,
-            reports: reports.len(),
-            samples,
-            mean_loss,
-            aggregation_s: start.elapsed().as_secs_f64(),
-        })
+        Ok(RoundSummary::of(round, reports, start))
     }
 
     fn state(&self) -> Vec<u8> {
-        body(&self.state)
+        // Plain numbers: always encodes.
+        encode_body(&self.state).unwrap_or_default()
     }
 
     fn checkpoint(&self) -> Vec<u8> {

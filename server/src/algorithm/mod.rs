@@ -61,6 +61,20 @@ pub struct RoundSummary {
     pub aggregation_s: f64,
 }
 
+impl RoundSummary {
+    /// The summary of aggregating `reports` in round `round`, started at `started`.
+    pub fn of(round: u64, reports: &[(DeviceId, Report)], started: std::time::Instant) -> Self {
+        let (samples, mean_loss) = weighted_loss(reports);
+        Self {
+            round,
+            reports: reports.len(),
+            samples,
+            mean_loss,
+            aggregation_s: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// An algorithm as the daemon drives it.
 pub trait ServerAlgorithm: Send {
     /// The round the algorithm's state is at (the next to aggregate).

@@ -132,6 +132,13 @@ pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
     Ok(frame)
 }
 
+/// Encodes `message` as a bare body (no header): how stored records are kept, decoded again
+/// with [`decode_body`].
+pub fn encode_body<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    bincode::serde::encode_to_vec(message, config::<MAX_BODY>())
+        .map_err(|e| FrameError::Encode(e.to_string()))
+}
+
 /// Decodes a body (the bytes after a checked header), rejecting trailing bytes.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     if body.len() > MAX_BODY {
