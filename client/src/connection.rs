@@ -41,7 +41,12 @@ impl Connection {
         endpoint.set_default_client_config(config);
         let connection = endpoint
             .connect(address, SERVER_NAME)
-            .map_err(|e| TransportError::Connect(e.to_string()))?
+            .map_err(|e| match e {
+                quinn::ConnectError::EndpointStopping | quinn::ConnectError::CidsExhausted => {
+                    TransportError::Connect(e.to_string())
+                }
+                e => TransportError::BadAddress(format!("{address}: {e}")),
+            })?
             .await?;
         Ok(Self {
             endpoint,

@@ -260,3 +260,27 @@ async fn metrics_endpoint_serves_prometheus_text() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_server_address_is_a_typed_error_not_a_retry_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let server = TestServer::start(server_config(&dir.path().join("server"), &model, 1, 1));
+    let mut identity = server.identity();
+    identity.address = "0.0.0.0:0".parse().unwrap();
+    let (mut client, _) = client(
+        identity,
+        &dir.path().join("device"),
+        &model,
+        counting(0..2, 8),
+    );
+    let err = client.enroll(TOKEN).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            fedtune_client::ClientError::Transport(TransportError::BadAddress(_))
+        ),
+        "{err}"
+    );
+    server.stop().await;
+}

@@ -13,9 +13,12 @@ use crate::protocol::{FrameError, WireError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
-    /// The connection could not be set up (address, TLS configuration).
+    /// The connection could not be set up for now (no socket, endpoint stopping).
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The server's address or name cannot be used (retrying will not help).
+    #[error("bad server address: {0}")]
+    BadAddress(String),
     /// The connection failed or was closed (includes a refused server certificate).
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
