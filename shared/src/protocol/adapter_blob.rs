@@ -130,7 +130,18 @@ pub fn decode_adapter(bytes: &[u8]) -> Result<AdapterWeights, AdapterBlobError> 
     }
     let present = data.len() as u64 / 4;
     let mut declared = 0u64;
+    if header.rank == 0 || !header.scaling.alpha.is_finite() {
+        return Err(AdapterBlobError::Inconsistent(
+            "rank must be positive and alpha finite".into(),
+        ));
+    }
     for shape in &header.layers {
+        if shape.d_in == 0 || shape.d_out == 0 {
+            return Err(AdapterBlobError::Inconsistent(format!(
+                "layer {:?} has an empty dimension",
+                shape.layer
+            )));
+        }
         if shape.rank != header.rank {
             return Err(AdapterBlobError::Inconsistent(format!(
                 "layer {:?} has rank {}, the adapter {}",
@@ -138,7 +149,7 @@ pub fn decode_adapter(bytes: &[u8]) -> Result<AdapterWeights, AdapterBlobError> 
             )));
         }
         let n = (shape.rank as u64)
-            .checked_mul(shape.d_in as u64 + shape.d_out as u64)
+            .checked_mul((shape.d_in as u64).saturating_add(shape.d_out as u64))
             .filter(|&n| n <= MAX_VALUES)
             .ok_or(AdapterBlobError::Size {
                 declared: u64::MAX,

@@ -35,6 +35,8 @@ pub mod adapter_blob;
 pub mod auth;
 pub mod blob;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 
 pub use auth::{DeviceId, PublicKey, Signed, SigningKey};

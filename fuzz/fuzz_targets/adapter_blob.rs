@@ -1,0 +1,8 @@
+//! An adapter blob (upload or download): decode, check shapes, then round-trip.
+//! The checks live in `fedtune_shared::protocol::fuzzing`, which `cargo test` also runs on the
+//! corpus and the regressions (`shared/tests/fuzz_corpus.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| fedtune_shared::protocol::fuzzing::adapter_blob(data));

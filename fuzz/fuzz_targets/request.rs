@@ -1,0 +1,8 @@
+//! A frame as the server reads it from a device (untrusted): decode, then round-trip.
+//! The checks live in `fedtune_shared::protocol::fuzzing`, which `cargo test` also runs on the
+//! corpus and the regressions (`shared/tests/fuzz_corpus.rs`).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| fedtune_shared::protocol::fuzzing::request(data));
