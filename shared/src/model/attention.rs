@@ -48,6 +48,24 @@ impl Attention {
         bias: &Tensor<4>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
+        self.o_proj.forward(self.context(x, rope, bias, cache))
+    }
+
+    /// The heads' outputs side by side, before `o_proj`: what [`forward`](Self::forward) feeds
+    /// `o_proj`, and what pruning calibration measures (query head `h` is columns
+    /// `h * head_dim .. (h + 1) * head_dim`).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - bias: `[batch or 1, 1, seq, cached + seq]`
+    /// - output: `[batch, seq, num_heads * head_dim]`
+    pub fn context(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        bias: &Tensor<4>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Tensor<3> {
         let [batch, seq, _] = x.dims();
         let (heads, kv_heads, head_dim) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let group = heads / kv_heads;
@@ -69,11 +87,10 @@ impl Attention {
         let scores = scores.reshape([batch, kv_heads, group, seq, total])
             + bias.clone().unsqueeze_dim::<5>(2);
         let probs = softmax(scores, 4).reshape([batch, kv_heads, group * seq, total]);
-        let context = probs
+        probs
             .matmul(v)
             .reshape([batch, heads, seq, head_dim])
             .swap_dims(1, 2)
-            .reshape([batch, seq, heads * head_dim]);
-        self.o_proj.forward(context)
+            .reshape([batch, seq, heads * head_dim])
     }
 }

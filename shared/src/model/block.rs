@@ -9,6 +9,17 @@ use super::kv_cache::KvCache;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
 
+/// A projection input that a [`DecoderLayer::forward_observed`] observer sees: the inputs of
+/// the two projections structured pruning shrinks along their input axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProjectionInput {
+    /// The attention heads' outputs, `[batch, seq, num_heads * head_dim]`
+    /// ([`Attention::context`]).
+    OProj,
+    /// The MLP's intermediate channels, `[batch, seq, intermediate]` ([`Mlp::activation`]).
+    DownProj,
+}
+
 /// A decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -35,10 +46,33 @@ impl DecoderLayer {
         bias: &Tensor<4>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
-        let h = x.clone()
-            + self
-                .attention
-                .forward(self.input_norm.forward(x), rope, bias, cache);
-        h.clone() + self.mlp.forward(self.post_attention_norm.forward(h))
+        // One code path: observing nothing costs two empty calls.
+        self.forward_observed(x, rope, bias, cache, &mut |_, _| {})
+    }
+
+    /// [`forward`](Self::forward), showing `observe` the input of `o_proj` and of `down_proj`
+    /// on the way (for pruning calibration).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_observed(
+        &self,
+        x: Tensor<3>,
+        rope: &RopeTables,
+        bias: &Tensor<4>,
+        cache: Option<(&mut KvCache, usize)>,
+        observe: &mut dyn FnMut(ProjectionInput, &Tensor<3>),
+    ) -> Tensor<3> {
+        let context = self
+            .attention
+            .context(self.input_norm.forward(x.clone()), rope, bias, cache);
+        observe(ProjectionInput::OProj, &context);
+        let h = x + self.attention.o_proj.forward(context);
+        let inner = self
+            .mlp
+            .activation(self.post_attention_norm.forward(h.clone()));
+        observe(ProjectionInput::DownProj, &inner);
+        h + self.mlp.down_proj.forward(inner)
     }
 }

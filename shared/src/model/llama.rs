@@ -6,12 +6,16 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::attention::Attention;
 use super::batch::{TokenBatch, attention_bias};
-use super::block::DecoderLayer;
+use super::block::{DecoderLayer, ProjectionInput};
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
 use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, MemorySource, WeightSource};
+
+/// What [`Llama::hidden_observed`] shows each layer's projection inputs to, as
+/// `observe(layer, which, input)`.
+pub type LayerObserver<'a> = dyn FnMut(usize, ProjectionInput, &Tensor<3>) + 'a;
 
 /// A Llama-family causal language model.
 #[derive(Module, Debug)]
@@ -156,7 +160,24 @@ impl Llama {
         &self,
         ids: Tensor<2, Int>,
         lengths: Option<&[usize]>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
+        self.hidden_observed(ids, lengths, cache, None)
+    }
+
+    /// [`hidden`](Self::hidden), showing `observe` each layer's `o_proj` and `down_proj`
+    /// inputs (as `observe(layer, which, input)`) when one is given: how pruning calibration
+    /// reads activations. Padding positions are shown too; `lengths` says which they are.
+    ///
+    /// # Shapes
+    /// - ids: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn hidden_observed(
+        &self,
+        ids: Tensor<2, Int>,
+        lengths: Option<&[usize]>,
         mut cache: Option<&mut KvCache>,
+        mut observe: Option<&mut LayerObserver<'_>>,
     ) -> Tensor<3> {
         let device = ids.device();
         let [_, seq] = ids.dims();
@@ -167,7 +188,14 @@ impl Llama {
 
         let mut x = burn::tensor::module::embedding(self.embed_tokens.val(), ids);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rope, &bias, cache.as_deref_mut().map(|c| (c, i)));
+            let cache = cache.as_deref_mut().map(|c| (c, i));
+            x = match observe.as_deref_mut() {
+                Some(observe) => {
+                    let mut observe_layer = |which, input: &Tensor<3>| observe(i, which, input);
+                    layer.forward_observed(x, &rope, &bias, cache, &mut observe_layer)
+                }
+                None => layer.forward(x, &rope, &bias, cache),
+            };
         }
         self.norm.forward(x)
     }

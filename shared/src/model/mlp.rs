@@ -25,7 +25,23 @@ impl Mlp {
     /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj.forward(self.activation(x))
+    }
+
+    /// The intermediate channels, `silu(gate(x)) * up(x)`: what [`forward`](Self::forward)
+    /// feeds `down_proj`, and what pruning calibration measures.
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, intermediate]`
+    pub fn activation(&self, x: Tensor<3>) -> Tensor<3> {
         let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        gate * self.up_proj.forward(x)
+    }
+
+    /// Intermediate channels (the output width of `gate_proj`; per layer, since pruning removes
+    /// channels layer by layer).
+    pub fn intermediate_size(&self) -> usize {
+        self.gate_proj.dims().1
     }
 }

@@ -1,0 +1,40 @@
+//! Structured pruning: removing whole attention heads and MLP channels so that the model itself
+//! gets smaller and faster (FedSpine's first step), not just sparser.
+//!
+//! - [`units`]: what a unit is (a key/value head with its query group, or one FFN channel),
+//!   where its weights sit, what it costs;
+//! - [`calibration`]: per-channel input statistics of `o_proj` and `down_proj` from a forward
+//!   pass ([`calibrate`]);
+//! - [`magnitude`], [`flap`]: importance scores (weight magnitude; FLAP's fluctuation metric and
+//!   bias compensation);
+//! - [`plan`]: one global ranking cut at a fraction of the prunable parameters ([`plan_flap`],
+//!   [`plan_magnitude`], [`select`]);
+//! - [`structural`]: applying a plan ([`prune_model`]);
+//! - [`kept`]: the per-layer record of kept units, and the maps between pruned and full
+//!   coordinates.
+//!
+//! ```text
+//! let stats = calibrate(&model, &sequences);
+//! let plan = plan_flap(&stats, &model, 0.2, &PruneOptions::default())?;
+//! let (pruned, kept) = prune_model(model, &plan);
+//! ```
+//!
+//! Not here yet: importance from LoRA gradients (FedSpine's client-side score), and exporting a
+//! pruned model as a checkpoint (a `LlamaConfig` has one head count and one intermediate size
+//! for all layers).
+
+pub mod calibration;
+pub mod flap;
+pub mod kept;
+pub mod magnitude;
+pub mod plan;
+pub mod structural;
+pub mod units;
+
+pub use calibration::{CalibrationStats, ChannelStats, InputMeans, LayerStats, calibrate};
+pub use flap::{compensation_bias, flap_scores, layer_flap_scores};
+pub use kept::{Axis, KeptUnits, gather, scatter};
+pub use magnitude::{layer_magnitude, magnitude_rms, magnitude_scores};
+pub use plan::{PlanError, PruneOptions, PrunePlan, plan_flap, plan_magnitude, select};
+pub use structural::prune_model;
+pub use units::{LayerScores, LayerShape, Unit, UnitKind, prunable_params};
