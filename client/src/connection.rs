@@ -17,6 +17,9 @@ use fedtune_shared::transport::tls::{SERVER_NAME, client_config};
 /// requests in milliseconds; aggregation holds a poll at most for the time of one aggregation).
 pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long a device waits for the server to let it open a stream.
+pub const OPEN_STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An open connection.
 pub struct Connection {
     endpoint: quinn::Endpoint,
@@ -58,7 +61,7 @@ impl Connection {
     /// within [`REQUEST_TIMEOUT`] is a (transient) read error.
     pub async fn request(&self, request: &Request) -> Result<Response, TransportError> {
         let exchange = async {
-            let (mut send, mut recv) = self.connection.open_bi().await?;
+            let (mut send, mut recv) = self.open_stream().await?;
             write_message(&mut send, request).await?;
             let _ = send.finish();
             read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME).await
@@ -69,6 +72,17 @@ impl Connection {
             Ok(Ok(Response::Error(e))) => Err(TransportError::Refused(e)),
             Ok(Ok(response)) => Ok(response),
         }
+    }
+
+    /// Opens a stream for one exchange. A device runs one exchange at a time, so stream credit is
+    /// always there on a live connection; waiting longer than [`OPEN_STREAM_TIMEOUT`] means the
+    /// server is gone (for example killed before it granted more streams), and the device
+    /// reconnects instead of waiting for a keep-alive to find out.
+    async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+        tokio::time::timeout(OPEN_STREAM_TIMEOUT, self.connection.open_bi())
+            .await
+            .map_err(|_| TransportError::Write("no stream credit from the server".into()))?
+            .map_err(TransportError::from)
     }
 
     /// Proves the device key on this connection.
@@ -116,7 +130,7 @@ impl Connection {
         len: u64,
         path: &std::path::Path,
     ) -> Result<u64, TransportError> {
-        let (mut send, mut recv) = self.connection.open_bi().await?;
+        let (mut send, mut recv) = self.open_stream().await?;
         write_message(&mut send, &Request::Download { digest, offset }).await?;
         let _ = send.finish();
         let header = tokio::time::timeout(
@@ -146,7 +160,7 @@ impl Connection {
         bytes: &[u8],
         offset: u64,
     ) -> Result<Response, TransportError> {
-        let (mut send, mut recv) = self.connection.open_bi().await?;
+        let (mut send, mut recv) = self.open_stream().await?;
         let total = bytes.len() as u64;
         write_message(
             &mut send,
@@ -158,17 +172,21 @@ impl Connection {
         )
         .await?;
         let start = (offset as usize).min(bytes.len());
-        fedtune_shared::transport::stream::send_bytes(&mut send, &bytes[start..]).await?;
+        // The server may refuse before reading the bytes (too large, not authenticated) and
+        // stop the stream: its answer still explains why, so read it whatever the write did.
+        let sent = fedtune_shared::transport::stream::send_bytes(&mut send, &bytes[start..]).await;
         let _ = send.finish();
-        match tokio::time::timeout(
+        let answer = tokio::time::timeout(
             REQUEST_TIMEOUT,
             read_message::<Response>(&mut recv, MAX_RESPONSE_FRAME),
         )
         .await
-        .map_err(|_| TransportError::Read("no answer in time".into()))??
-        {
-            Response::Error(e) => Err(TransportError::Refused(e)),
-            other => Ok(other),
+        .map_err(|_| TransportError::Read("no answer in time".into()));
+        match (answer, sent) {
+            (Ok(Ok(Response::Error(e))), _) => Err(TransportError::Refused(e)),
+            (Ok(Ok(other)), Ok(())) => Ok(other),
+            (_, Err(e)) => Err(e),
+            (Ok(Err(e)), Ok(())) | (Err(e), Ok(())) => Err(e),
         }
     }
 }

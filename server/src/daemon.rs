@@ -386,17 +386,23 @@ impl Core {
         let mut running = self.lock();
         let round = report.round;
         // A resend of a report already stored (its acknowledgement was lost) counts once.
-        if round <= running.rounds.round() {
-            match self.store.reports(round) {
-                Ok(stored) if stored.iter().any(|(id, _)| *id == device.0) => {
-                    return Response::Accepted {
-                        round,
-                        duplicate: true,
-                    };
-                }
-                Ok(_) => {}
-                Err(e) => return self.internal(e),
+        // The open round's stored reports are known in memory; an earlier round's need one lookup.
+        let resent = if round == running.rounds.round() {
+            Ok(running.rounds.reported().contains(&device))
+        } else if round < running.rounds.round() {
+            self.store.has_report(round, device.0)
+        } else {
+            Ok(false)
+        };
+        match resent {
+            Ok(true) => {
+                return Response::Accepted {
+                    round,
+                    duplicate: true,
+                };
             }
+            Ok(false) => {}
+            Err(e) => return self.internal(e),
         }
         if let Err(refusal) = running.rounds.check_report(device, round) {
             let code = match refusal {
@@ -410,7 +416,22 @@ impl Core {
             tracing::warn!(%device, round, reason = %rejection, "report rejected");
             return Response::Error(rejection.into());
         }
-        match self.store.put_report(round, device.0, &body_of(&report)) {
+        // The report and the device's record (its last round and measured time) in one commit.
+        let mut record = match Registry::new(&self.store).record(device) {
+            Ok(Some(record)) => record,
+            Ok(None) => return wire(ErrorCode::Unauthenticated, "device is not enrolled"),
+            Err(e) => return self.internal(e),
+        };
+        record.last_round = round;
+        record.last_round_s = Some(report.stats.wall_s);
+        let record = match serde_json::to_vec(&record) {
+            Ok(bytes) => bytes,
+            Err(e) => return self.internal(e),
+        };
+        match self
+            .store
+            .put_report_and_device(round, device.0, &body_of(&report), &record)
+        {
             Ok(PutOutcome::Duplicate) => {
                 return Response::Accepted {
                     round,
@@ -421,14 +442,6 @@ impl Core {
             Err(e) => return self.internal(e),
         }
         self.metrics.reports_accepted.inc();
-        let registry = Registry::new(&self.store);
-        if let Ok(Some(mut record)) = registry.record(device) {
-            record.last_round = round;
-            record.last_round_s = Some(report.stats.wall_s);
-            if let Err(e) = registry.put(device, &record) {
-                tracing::warn!(%device, error = %e, "could not update the device record");
-            }
-        }
         if running.rounds.on_report_stored(device)
             && let Err(e) = self.finish_round(&mut running)
         {

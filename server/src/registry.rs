@@ -84,19 +84,17 @@ impl<'a> Registry<'a> {
             }
             return Ok(id);
         }
-        if !self.store.consume_token(token_hash(token))? {
+        let record = DeviceRecord {
+            public_key: key,
+            capabilities,
+            revoked: false,
+            last_round: 0,
+            last_round_s: None,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(|_| RegistryError::Corrupt(id))?;
+        if !self.store.enroll(token_hash(token), id.0, &bytes)? {
             return Err(RegistryError::BadToken);
         }
-        self.put(
-            id,
-            &DeviceRecord {
-                public_key: key,
-                capabilities,
-                revoked: false,
-                last_round: 0,
-                last_round_s: None,
-            },
-        )?;
         Ok(id)
     }
 

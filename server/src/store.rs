@@ -347,6 +347,78 @@ impl Store {
         }
     }
 
+    /// [`Self::put_report`] and, in the same transaction, the device's updated record: one
+    /// durable commit per report instead of two.
+    pub fn put_report_and_device(
+        &self,
+        round: u64,
+        device: DeviceKey,
+        report: &[u8],
+        record: &[u8],
+    ) -> Result<PutOutcome, StoreError> {
+        let txn = self.db.begin_write()?;
+        let inserted = {
+            let mut reports = txn.open_table(REPORTS)?;
+            if reports.get((round, device))?.is_some() {
+                false
+            } else {
+                reports.insert((round, device), report)?;
+                txn.open_table(DEVICES)?.insert(device, record)?;
+                true
+            }
+        };
+        if inserted {
+            txn.commit()?;
+            Ok(PutOutcome::Inserted)
+        } else {
+            txn.abort()?;
+            Ok(PutOutcome::Duplicate)
+        }
+    }
+
+    /// Whether a report of `device` for `round` is stored (without reading the round's others).
+    pub fn has_report(&self, round: u64, device: DeviceKey) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let reports = txn.open_table(REPORTS)?;
+        Ok(reports.get((round, device))?.is_some())
+    }
+
+    /// Enrolls a device in one transaction: takes one use of the token and stores the device's
+    /// record. Ok(false), with nothing changed, when the token is unknown or used up.
+    pub fn enroll(
+        &self,
+        token_hash: [u8; 32],
+        id: DeviceKey,
+        record: &[u8],
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let taken = {
+            let mut tokens = txn.open_table(TOKENS)?;
+            let uses = match tokens.get(token_hash)? {
+                Some(bytes) => decode_u32(bytes.value(), "token uses")?,
+                None => 0,
+            };
+            match uses {
+                0 => false,
+                1 => {
+                    tokens.remove(token_hash)?;
+                    true
+                }
+                n => {
+                    tokens.insert(token_hash, (n - 1).to_le_bytes().as_slice())?;
+                    true
+                }
+            }
+        };
+        if !taken {
+            txn.abort()?;
+            return Ok(false);
+        }
+        txn.open_table(DEVICES)?.insert(id, record)?;
+        txn.commit()?;
+        Ok(true)
+    }
+
     /// The reports of `round` with their devices, sorted by device id.
     pub fn reports(&self, round: u64) -> Result<Vec<(DeviceKey, Vec<u8>)>, StoreError> {
         let txn = self.db.begin_read()?;

@@ -49,6 +49,24 @@ impl Listener {
         });
         let socket = std::net::UdpSocket::bind(addr)
             .map_err(|e| DaemonError::Network(format!("bind {addr}: {e}")))?;
+        // The kernel's default receive buffer (about 200 KiB) overflows when hundreds of devices
+        // send at once (a round opening, handshakes after a restart), and every dropped datagram
+        // costs a retransmission timeout of a second or more. The kernel caps the request at
+        // net.core.rmem_max; what it granted is logged.
+        let state = quinn::udp::UdpSocketState::new((&socket).into())
+            .map_err(|e| DaemonError::Network(format!("socket {addr}: {e}")))?;
+        if let Err(e) = state.set_recv_buffer_size((&socket).into(), RECEIVE_BUFFER_BYTES) {
+            tracing::warn!(error = %e, "could not enlarge the UDP receive buffer");
+        }
+        match state.recv_buffer_size((&socket).into()) {
+            Ok(granted) if granted < RECEIVE_BUFFER_BYTES => tracing::warn!(
+                granted,
+                wanted = RECEIVE_BUFFER_BYTES,
+                "UDP receive buffer capped by net.core.rmem_max; raise it for large fleets"
+            ),
+            Ok(granted) => tracing::debug!(granted, "UDP receive buffer"),
+            Err(_) => {}
+        }
         let endpoint = quinn::Endpoint::new(
             endpoint_config,
             Some(config),
@@ -100,6 +118,9 @@ impl Listener {
         self.endpoint.wait_idle().await;
     }
 }
+
+/// The UDP receive buffer the daemon asks for: 1,000 devices sending at once fit.
+const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
 
 /// How long a device may take to send one request frame; a stream that stalls longer is
 /// answered as truncated and its task ends.

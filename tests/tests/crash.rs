@@ -214,9 +214,7 @@ async fn daemon_killed_mid_round_resumes_and_counts_every_acknowledged_report_on
     daemon.kill().unwrap();
     daemon.wait().unwrap();
 
-    let t = Instant::now();
     let (mut daemon, identity) = start_daemon(&config_path, &state_dir);
-    eprintln!("TIMING restarted {:?}", t.elapsed());
     let sequences = counting(14..22, 10);
     let (mut late, _rx) =
         client_with_events(identity, &dir.path().join("c2"), &model, sequences.clone());
@@ -227,10 +225,8 @@ async fn daemon_killed_mid_round_resumes_and_counts_every_acknowledged_report_on
             task.await.unwrap().unwrap(),
             Outcome::Finished { last_round: rounds }
         );
-        eprintln!("TIMING client done {:?}", t.elapsed());
     }
     sigterm(&mut daemon);
-    eprintln!("TIMING stopped {:?}", t.elapsed());
 
     let (history, summaries) = stored_outcome(&state_dir);
     assert_eq!(summaries.len(), rounds as usize);
