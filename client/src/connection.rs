@@ -39,11 +39,22 @@ impl Connection {
                 .parse()
                 .map_err(|_| TransportError::Connect("bind address".into()))?
         };
-        let mut endpoint =
+        let endpoint =
             quinn::Endpoint::client(bind).map_err(|e| TransportError::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(config);
+        Self::open_on(&endpoint, address, config).await
+    }
+
+    /// Connects through an existing client endpoint (one UDP socket for many connections: how
+    /// a host of many virtual devices connects), with a configuration from
+    /// [`fedtune_shared::transport::tls::client_config`].
+    pub async fn open_on(
+        endpoint: &quinn::Endpoint,
+        address: SocketAddr,
+        config: quinn::ClientConfig,
+    ) -> Result<Self, TransportError> {
+        let endpoint = endpoint.clone();
         let connection = endpoint
-            .connect(address, SERVER_NAME)
+            .connect_with(config, address, SERVER_NAME)
             .map_err(|e| match e {
                 quinn::ConnectError::EndpointStopping | quinn::ConnectError::CidsExhausted => {
                     TransportError::Connect(e.to_string())

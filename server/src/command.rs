@@ -60,10 +60,7 @@ pub fn execute(args: ServerArgs) -> Result<(), CommandError> {
     let config = ServerConfig::load(&args.config)?;
     match args.command {
         None => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(CommandError::Runtime)?;
+            let runtime = crate::runtime().map_err(CommandError::Runtime)?;
             runtime.block_on(crate::run(config))?;
         }
         Some(ServerCommand::Token { uses }) => println!("{}", crate::issue_token(&config, uses)?),

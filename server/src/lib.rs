@@ -57,6 +57,20 @@ pub async fn run(config: ServerConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// Threads for the core's blocking work (request handling with durable writes). The core is
+/// one lock and the store one writer, so threads beyond a few dozen only wait; tokio's default
+/// of 512 let a burst of 1,000 devices start 500 threads.
+pub const BLOCKING_THREADS: usize = 32;
+
+/// The tokio runtime the daemon runs on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_name("fedtune-server")
+        .build()
+}
+
 /// Issues an enrollment token good for `uses` devices and returns it. The daemon must be stopped
 /// (the store admits one process).
 pub fn issue_token(config: &ServerConfig, uses: u32) -> Result<String, DaemonError> {
