@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Int, Tensor, TensorData};
 use fedtune_shared::eval::batch_loss;
 use fedtune_shared::lora::attach::attach_fresh;
@@ -48,6 +48,21 @@ fn bench_ids(seq_len: usize, vocab: usize) -> Vec<i64> {
     (0..seq_len as i64)
         .map(|i| (i * 7919 + 13) % vocab as i64)
         .collect()
+}
+
+/// Bytes of every parameter tensor of `model` (elements times element size): the weight memory
+/// a forward pass reads.
+pub fn weight_bytes(model: &Llama) -> usize {
+    struct Sum(usize);
+    impl ModuleVisitor for Sum {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let tensor = param.val();
+            self.0 += tensor.shape().num_elements() * tensor.dtype().size();
+        }
+    }
+    let mut sum = Sum(0);
+    model.visit(&mut sum);
+    sum.0
 }
 
 /// Times one full forward pass (all positions' logits) of batch 1 at `seq_len` tokens.

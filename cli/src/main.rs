@@ -2,10 +2,12 @@
 //! libraries.
 
 mod bench;
+mod bench_server;
 mod fedkseed;
 mod fetch;
 mod lora;
 mod network;
+mod prune;
 mod role_clients;
 
 use std::io::Write;
@@ -190,7 +192,8 @@ enum Command {
     Server(fedtune_server::command::ServerArgs),
     /// A device: enroll with a token once, then train on local text whenever the server asks.
     Client(network::ClientArgs),
-    /// Fold a PEFT LoRA adapter into its base model and write a Hugging Face safetensors model.
+    /// Fold a PEFT LoRA adapter into its base model and write a Hugging Face safetensors model
+    /// (with the base model's tokenizer).
     Merge {
         #[command(flatten)]
         model: ModelArgs,
@@ -201,6 +204,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Structured pruning (whole attention groups and MLP channels), one shot: calibrate on a
+    /// text, remove a fraction of the projection weights, write a Hugging Face folder (per-layer
+    /// sizes, compensation biases, tokenizer, pruning.json) and print held-out perplexity
+    /// before and after.
+    Prune(prune::PruneArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models folder.
     FetchModel {
         /// Target folder (default: $FEDTUNE_MODELS_DIR or ./models).
@@ -219,6 +227,16 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// The daemon under load: N devices on N concurrent QUIC connections exchanging one
+    /// FedKSeed round (K = 4096, τ = 200), in one process; a table per phase.
+    Server {
+        /// Devices (one connection each).
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// One forward pass (batch 1) at a given sequence length.
     Forward {
         #[command(flatten)]
@@ -232,7 +250,7 @@ enum BenchCommand {
         /// Unmeasured warm-up runs.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// Print JSON: {"median_s": X, "tokens_per_s": Y, ...}.
+        /// Print JSON: {"median_s": X, "tokens_per_s": Y, "weight_bytes": Z, ...}.
         #[arg(long)]
         json: bool,
     },
@@ -440,6 +458,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Bench { which } => match which {
+            BenchCommand::Server { devices, json } => bench_server::run(devices, json)?,
             BenchCommand::Forward {
                 model,
                 seq_len,
@@ -459,6 +478,7 @@ fn main() -> anyhow::Result<()> {
                         * pretrained.config.hidden_size
                         * usize::from(!pretrained.config.tie_word_embeddings);
                 let gflops = 2.0 * matmul_params as f64 * seq_len as f64 / t.median_s / 1e9;
+                let weight_bytes = bench::weight_bytes(&pretrained.model);
                 if json {
                     println!(
                         "{}",
@@ -470,17 +490,23 @@ fn main() -> anyhow::Result<()> {
                             "seq_len": seq_len,
                             "backend": model.backend,
                             "gflop_per_s": gflops,
+                            "weight_bytes": weight_bytes,
                         })
                     );
                 } else {
                     println!(
-                        "| benchmark | backend | seq_len | runs | median (s) | min (s) | tokens/s | GFLOP/s |"
+                        "| benchmark | backend | seq_len | runs | median (s) | min (s) | tokens/s | GFLOP/s | weights (MiB) |"
                     );
-                    println!("|---|---|---|---|---|---|---|---|");
+                    println!("|---|---|---|---|---|---|---|---|---|");
                     println!(
-                        "| forward | {} | {seq_len} | {} | {:.4} | {:.4} | {tokens_per_s:.1} | {gflops:.1} |",
-                        model.backend, t.runs, t.median_s, t.min_s
+                        "| forward | {} | {seq_len} | {} | {:.4} | {:.4} | {tokens_per_s:.1} | {gflops:.1} | {:.1} |",
+                        model.backend,
+                        t.runs,
+                        t.median_s,
+                        t.min_s,
+                        weight_bytes as f64 / 1048576.0
                     );
+                    println!("weight_bytes: {weight_bytes}");
                 }
             }
             BenchCommand::Zo {
@@ -603,6 +629,10 @@ fn main() -> anyhow::Result<()> {
             let merged = merge(adapted);
             write_hf_folder(&merged.to_source(&pretrained.config), &out)
                 .with_context(|| format!("writing {}", out.display()))?;
+            pretrained
+                .tokenizer
+                .save_to_folder(&out)
+                .with_context(|| format!("writing the tokenizer into {}", out.display()))?;
             println!(
                 "merged a rank-{} adapter on {} projections into {}",
                 weights.rank,
@@ -649,6 +679,7 @@ fn main() -> anyhow::Result<()> {
             };
             fedkseed::run(pretrained, &texts, &settings)?;
         }
+        Command::Prune(args) => prune::run(args)?,
         Command::FetchModel { dir } => {
             let path = fetch::ensure_default_model(&dir.unwrap_or_else(fetch::models_dir))?;
             println!("{}", path.display());

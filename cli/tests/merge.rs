@@ -1,5 +1,6 @@
 //! `fedtune merge` on the real model: a PEFT adapter folded into SmolLM2 and written as a
-//! Hugging Face folder gives the same logits as the adapter applied on the fly.
+//! Hugging Face folder (with the tokenizer) gives the same logits as the adapter applied on the
+//! fly.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -97,6 +98,13 @@ fn merged_model_equals_the_adapted_model() {
         String::from_utf8_lossy(&status.stderr)
     );
 
+    // The folder carries the base model's tokenizer, so it is a complete model.
+    let tokenizer = Pretrained::open_tokenizer(&out).unwrap();
+    let text = "<|im_start|>user\nhello 2024<|im_end|>";
+    assert_eq!(
+        tokenizer.encode(text).unwrap(),
+        base.tokenizer.encode(text).unwrap()
+    );
     let merged = Llama::load(&HfFolder::open(&out).unwrap(), &device, |_, _| {}).unwrap();
     let adapted = attach_weights(base.model, &adapter, 0.0).unwrap();
     let (a, m) = (logits(&adapted, &device), logits(&merged, &device));

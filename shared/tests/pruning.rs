@@ -36,6 +36,7 @@ fn config() -> LlamaConfig {
         rope_theta: 10_000.0,
         max_position_embeddings: 128,
         tie_word_embeddings: true,
+        layers: None,
     }
 }
 

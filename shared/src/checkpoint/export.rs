@@ -51,6 +51,10 @@ pub fn llama_gguf_metadata(config: &LlamaConfig) -> GgufMetadata {
 /// Writes every tensor of `source` to a GGUF file: matrices as `matrix_type`, norms as F32,
 /// query/key rows permuted the way llama.cpp expects. `extra` metadata (a tokenizer, say) is
 /// added as given.
+///
+/// # Errors
+/// [`CheckpointError::BadConfig`] for a model with per-layer sizes (a pruned model): fedtune's
+/// GGUF metadata has one size per model; write a Hugging Face folder instead.
 pub fn write_gguf(
     source: &dyn WeightSource,
     matrix_type: GgmlType,
@@ -58,6 +62,14 @@ pub fn write_gguf(
     path: &Path,
 ) -> Result<(), CheckpointError> {
     let config = source.config();
+    if config.layers.is_some() {
+        return Err(CheckpointError::BadConfig {
+            path: path.to_path_buf(),
+            reason: "a model with per-layer sizes (a pruned model) cannot be written as GGUF \
+                     yet; write a Hugging Face folder"
+                .into(),
+        });
+    }
     let mut writer = GgufWriter::new();
     for (key, value) in llama_gguf_metadata(config)
         .entries()
@@ -93,6 +105,11 @@ pub fn write_gguf(
 }
 
 /// Writes `source` as a Hugging Face folder: `config.json` and one F32 `model.safetensors`.
+///
+/// A pruned model's per-layer sizes go into `config.json` as fedtune's per-layer keys (see
+/// [`crate::model::config`]) and its biases into `model.safetensors` as
+/// `model.layers.N.self_attn.o_proj.bias` / `model.layers.N.mlp.down_proj.bias`; a uniform
+/// model's files have neither.
 pub fn write_hf_folder(source: &dyn WeightSource, dir: &Path) -> Result<(), CheckpointError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();

@@ -1,5 +1,9 @@
 //! Names of a Llama model's tensors, written once: Hugging Face (`model.layers.0.self_attn.q_proj
 //! .weight`) and llama.cpp GGUF (`blk.0.attn_q.weight`), plus the shape each must have.
+//!
+//! Shapes are per layer ([`LlamaConfig::layer`]): a pruned layer has its own head counts and
+//! intermediate size, and may have `o_proj` and `down_proj` biases (pruning's compensation), which
+//! are part of the checkpoint only where its config says so.
 
 use crate::model::LlamaConfig;
 
@@ -24,12 +28,19 @@ pub enum LayerTensor {
     Up,
     /// SwiGLU down projection.
     Down,
+    /// Bias of the attention output projection (only in pruned layers that have one).
+    OBias,
+    /// Bias of the SwiGLU down projection (only in pruned layers that have one).
+    DownBias,
 }
 
 impl LayerTensor {
-    /// The tensor's name inside a layer: (Hugging Face, GGUF).
+    /// The tensor's name inside a layer: (Hugging Face, GGUF), up to the `.weight`/`.bias`
+    /// suffix.
     fn leaf_names(self) -> (&'static str, &'static str) {
         match self {
+            Self::OBias => Self::O.leaf_names(),
+            Self::DownBias => Self::Down.leaf_names(),
             Self::AttnNorm => ("input_layernorm", "attn_norm"),
             Self::Q => ("self_attn.q_proj", "attn_q"),
             Self::K => ("self_attn.k_proj", "attn_k"),
@@ -42,7 +53,16 @@ impl LayerTensor {
         }
     }
 
-    /// Every layer tensor, in checkpoint order.
+    /// `weight` or `bias`.
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::OBias | Self::DownBias => "bias",
+            _ => "weight",
+        }
+    }
+
+    /// Every weight a layer always has, in checkpoint order (biases, which only some pruned
+    /// layers have, are not among them; [`LlamaTensor::all`] adds them where they exist).
     pub const ALL: [LayerTensor; 9] = [
         Self::AttnNorm,
         Self::Q,
@@ -74,7 +94,19 @@ impl LlamaTensor {
     pub fn all(config: &LlamaConfig) -> Vec<LlamaTensor> {
         let mut out = vec![Self::Embed];
         for layer in 0..config.num_layers {
-            out.extend(LayerTensor::ALL.iter().map(|&t| Self::Layer(layer, t)));
+            let arch = config.layer(layer);
+            for t in LayerTensor::ALL {
+                out.push(Self::Layer(layer, t));
+                match t {
+                    LayerTensor::O if arch.o_proj_bias => {
+                        out.push(Self::Layer(layer, LayerTensor::OBias))
+                    }
+                    LayerTensor::Down if arch.down_proj_bias => {
+                        out.push(Self::Layer(layer, LayerTensor::DownBias))
+                    }
+                    _ => {}
+                }
+            }
         }
         out.push(Self::FinalNorm);
         if !config.tie_word_embeddings {
@@ -89,7 +121,7 @@ impl LlamaTensor {
             Self::Embed => "model.embed_tokens.weight".into(),
             Self::FinalNorm => "model.norm.weight".into(),
             Self::LmHead => "lm_head.weight".into(),
-            Self::Layer(i, t) => format!("model.layers.{i}.{}.weight", t.leaf_names().0),
+            Self::Layer(i, t) => format!("model.layers.{i}.{}.{}", t.leaf_names().0, t.suffix()),
         }
     }
 
@@ -99,27 +131,36 @@ impl LlamaTensor {
             Self::Embed => "token_embd.weight".into(),
             Self::FinalNorm => "output_norm.weight".into(),
             Self::LmHead => "output.weight".into(),
-            Self::Layer(i, t) => format!("blk.{i}.{}.weight", t.leaf_names().1),
+            Self::Layer(i, t) => format!("blk.{i}.{}.{}", t.leaf_names().1, t.suffix()),
         }
     }
 
     /// The row-major shape (`[out, in]` for projections) the tensor must have under `config`.
+    ///
+    /// # Panics
+    /// When a layer tensor's layer is not below the config's per-layer entries (if it has them).
     pub fn shape(&self, config: &LlamaConfig) -> Vec<usize> {
         let h = config.hidden_size;
-        let q = config.num_heads * config.head_dim;
-        let kv = config.num_kv_heads * config.head_dim;
-        let f = config.intermediate_size;
         match self {
             Self::Embed | Self::LmHead => vec![config.vocab_size, h],
             Self::FinalNorm => vec![h],
-            Self::Layer(_, t) => match t {
-                LayerTensor::AttnNorm | LayerTensor::MlpNorm => vec![h],
-                LayerTensor::Q => vec![q, h],
-                LayerTensor::K | LayerTensor::V => vec![kv, h],
-                LayerTensor::O => vec![h, q],
-                LayerTensor::Gate | LayerTensor::Up => vec![f, h],
-                LayerTensor::Down => vec![h, f],
-            },
+            Self::Layer(i, t) => {
+                let arch = config.layer(*i);
+                let q = arch.num_heads * config.head_dim;
+                let kv = arch.num_kv_heads * config.head_dim;
+                let f = arch.intermediate_size;
+                match t {
+                    LayerTensor::AttnNorm
+                    | LayerTensor::MlpNorm
+                    | LayerTensor::OBias
+                    | LayerTensor::DownBias => vec![h],
+                    LayerTensor::Q => vec![q, h],
+                    LayerTensor::K | LayerTensor::V => vec![kv, h],
+                    LayerTensor::O => vec![h, q],
+                    LayerTensor::Gate | LayerTensor::Up => vec![f, h],
+                    LayerTensor::Down => vec![h, f],
+                }
+            }
         }
     }
 
@@ -127,8 +168,8 @@ impl LlamaTensor {
     /// `Some(num_heads)` for queries, `Some(num_kv_heads)` for keys.
     pub fn rope_permuted_heads(&self, config: &LlamaConfig) -> Option<usize> {
         match self {
-            Self::Layer(_, LayerTensor::Q) => Some(config.num_heads),
-            Self::Layer(_, LayerTensor::K) => Some(config.num_kv_heads),
+            Self::Layer(i, LayerTensor::Q) => Some(config.layer(*i).num_heads),
+            Self::Layer(i, LayerTensor::K) => Some(config.layer(*i).num_kv_heads),
             _ => None,
         }
     }
@@ -177,6 +218,46 @@ mod tests {
         assert_eq!(t.hf_name(), "model.layers.3.mlp.down_proj.weight");
         assert_eq!(t.gguf_name(), "blk.3.ffn_down.weight");
         assert_eq!(LlamaTensor::all(&LlamaConfig::tiny()).len(), 1 + 2 * 9 + 1);
+        let bias = LlamaTensor::Layer(2, LayerTensor::OBias);
+        assert_eq!(bias.hf_name(), "model.layers.2.self_attn.o_proj.bias");
+        assert_eq!(bias.gguf_name(), "blk.2.attn_output.bias");
+        assert_eq!(
+            LlamaTensor::Layer(0, LayerTensor::DownBias).hf_name(),
+            "model.layers.0.mlp.down_proj.bias"
+        );
+    }
+
+    #[test]
+    fn pruned_layers_have_their_own_shapes_and_biases() {
+        use crate::model::config::LayerArch;
+        let base = LlamaConfig::tiny();
+        let config = base.clone().with_layers(vec![
+            base.uniform_layer(),
+            LayerArch {
+                num_heads: 2,
+                num_kv_heads: 1,
+                intermediate_size: 5,
+                o_proj_bias: true,
+                down_proj_bias: false,
+            },
+        ]);
+        let all = LlamaTensor::all(&config);
+        assert_eq!(all.len(), 1 + 2 * 9 + 1 + 1);
+        let o = all
+            .iter()
+            .position(|t| *t == LlamaTensor::Layer(1, LayerTensor::O))
+            .unwrap();
+        assert_eq!(all[o + 1], LlamaTensor::Layer(1, LayerTensor::OBias));
+        let shape = |t| LlamaTensor::Layer(1, t).shape(&config);
+        assert_eq!(shape(LayerTensor::Q), vec![16, 32]);
+        assert_eq!(shape(LayerTensor::K), vec![8, 32]);
+        assert_eq!(shape(LayerTensor::O), vec![32, 16]);
+        assert_eq!(shape(LayerTensor::Down), vec![32, 5]);
+        assert_eq!(shape(LayerTensor::OBias), vec![32]);
+        assert_eq!(
+            LlamaTensor::Layer(0, LayerTensor::Q).shape(&config),
+            vec![32, 32]
+        );
     }
 
     #[test]

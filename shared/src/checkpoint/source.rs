@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::CheckpointError;
 use super::gguf::GgufFile;
-use super::llama_names::{LlamaTensor, unpermute_rope_rows};
+use super::llama_names::{LayerTensor, LlamaTensor, unpermute_rope_rows};
 use crate::model::LlamaConfig;
 
 /// A checkpoint the model can be built from.
@@ -122,7 +122,8 @@ impl MemorySource {
         }
     }
 
-    /// A model with deterministic pseudo-random weights (norms set to one), as a test model.
+    /// A model with deterministic pseudo-random weights (norms near one, biases near zero), as a
+    /// test model.
     ///
     /// Values are uniform in `±1/sqrt(fan_in)` from a SplitMix64 stream, so any machine and any
     /// backend build the same model from the same seed.
@@ -141,7 +142,13 @@ impl MemorySource {
         for name in LlamaTensor::all(&config) {
             let shape = name.shape(&config);
             let n: usize = shape.iter().product();
-            let values = if shape.len() == 1 {
+            let bias = matches!(
+                name,
+                LlamaTensor::Layer(_, LayerTensor::OBias | LayerTensor::DownBias)
+            );
+            let values = if bias {
+                (0..n).map(|_| 0.1 * next()).collect()
+            } else if shape.len() == 1 {
                 (0..n).map(|_| 1.0 + 0.1 * next()).collect()
             } else {
                 let bound = 1.0 / (shape[1] as f32).sqrt();

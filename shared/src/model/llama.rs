@@ -7,6 +7,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::attention::Attention;
 use super::batch::{TokenBatch, attention_bias};
 use super::block::{DecoderLayer, ProjectionInput};
+use super::config::{LayerArch, LlamaConfig};
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::mlp::Mlp;
@@ -61,24 +62,42 @@ impl Llama {
         let (embed, shape) = next(LlamaTensor::Embed)?;
         let embed_tokens =
             Param::from_tensor(Tensor::from_data(TensorData::new(embed, shape), device));
+        let bias = |(values, shape): (Vec<f32>, Vec<usize>)| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device))
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
+            let arch = config.layer(i);
             let mut t = |t: LayerTensor| next(LlamaTensor::Layer(i, t));
             let input_norm = norm(t(LayerTensor::AttnNorm)?);
+            let (q_proj, k_proj, v_proj) = (
+                linear(t(LayerTensor::Q)?),
+                linear(t(LayerTensor::K)?),
+                linear(t(LayerTensor::V)?),
+            );
+            let mut o_proj = linear(t(LayerTensor::O)?);
+            if arch.o_proj_bias {
+                o_proj.bias = Some(bias(t(LayerTensor::OBias)?));
+            }
             let attention = Attention {
-                q_proj: linear(t(LayerTensor::Q)?),
-                k_proj: linear(t(LayerTensor::K)?),
-                v_proj: linear(t(LayerTensor::V)?),
-                o_proj: linear(t(LayerTensor::O)?),
-                num_heads: config.num_heads,
-                num_kv_heads: config.num_kv_heads,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                num_heads: arch.num_heads,
+                num_kv_heads: arch.num_kv_heads,
                 head_dim: config.head_dim,
             };
             let post_attention_norm = norm(t(LayerTensor::MlpNorm)?);
+            let (gate_proj, up_proj) = (linear(t(LayerTensor::Gate)?), linear(t(LayerTensor::Up)?));
+            let mut down_proj = linear(t(LayerTensor::Down)?);
+            if arch.down_proj_bias {
+                down_proj.bias = Some(bias(t(LayerTensor::DownBias)?));
+            }
             let mlp = Mlp {
-                gate_proj: linear(t(LayerTensor::Gate)?),
-                up_proj: linear(t(LayerTensor::Up)?),
-                down_proj: linear(t(LayerTensor::Down)?),
+                gate_proj,
+                up_proj,
+                down_proj,
             };
             layers.push(DecoderLayer {
                 input_norm,
@@ -102,16 +121,46 @@ impl Llama {
         })
     }
 
-    /// The weights as a checkpoint holds them (Hugging Face names and orientation), for export.
+    /// This model's configuration: `base` (the configuration it was loaded with, or that of the
+    /// model it was pruned from) with each layer's head counts, intermediate size and biases
+    /// read from its tensors. For a model with the sizes of `base` and no bias, `base` itself.
+    pub fn architecture(&self, base: &LlamaConfig) -> LlamaConfig {
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| LayerArch {
+                num_heads: layer.attention.num_heads,
+                num_kv_heads: layer.attention.num_kv_heads,
+                intermediate_size: layer.mlp.intermediate_size(),
+                o_proj_bias: layer.attention.o_proj.bias.is_some(),
+                down_proj_bias: layer.mlp.down_proj.bias.is_some(),
+            })
+            .collect();
+        LlamaConfig {
+            num_layers: self.layers.len(),
+            ..base.clone()
+        }
+        .with_layers(layers)
+    }
+
+    /// The weights as a checkpoint holds them (Hugging Face names and orientation), for export,
+    /// under this model's [`architecture`](Self::architecture) over `config` (the configuration
+    /// it was loaded with, or that of the model it was pruned from): a pruned model's per-layer
+    /// sizes and `o_proj`/`down_proj` biases are part of it.
     ///
-    /// `config` must be the configuration the model was loaded with.
-    pub fn to_source(&self, config: &crate::model::LlamaConfig) -> MemorySource {
+    /// LoRA adapters are not exported (merge them first).
+    ///
+    /// # Panics
+    /// When a projection other than `o_proj` and `down_proj` has a bias: no checkpoint name
+    /// holds one.
+    pub fn to_source(&self, config: &LlamaConfig) -> MemorySource {
         let values = |t: Tensor<1>| -> Vec<f32> {
             t.into_data()
                 .try_into_vec_as()
                 .expect("weights are float32")
         };
-        let mut source = MemorySource::new(config.clone());
+        let config = self.architecture(config);
+        let mut source = MemorySource::new(config);
         source.insert(
             LlamaTensor::Embed,
             values(self.embed_tokens.val().flatten(0, 1)),
@@ -122,7 +171,21 @@ impl Llama {
             put(LayerTensor::Q, layer.attention.q_proj.checkpoint_values());
             put(LayerTensor::K, layer.attention.k_proj.checkpoint_values());
             put(LayerTensor::V, layer.attention.v_proj.checkpoint_values());
+            let unnamed = [
+                &layer.attention.q_proj,
+                &layer.attention.k_proj,
+                &layer.attention.v_proj,
+                &layer.mlp.gate_proj,
+                &layer.mlp.up_proj,
+            ];
+            assert!(
+                unnamed.iter().all(|p| p.bias.is_none()),
+                "layer {i}: only o_proj and down_proj biases can be exported"
+            );
             put(LayerTensor::O, layer.attention.o_proj.checkpoint_values());
+            if let Some(bias) = &layer.attention.o_proj.bias {
+                put(LayerTensor::OBias, values(bias.val()));
+            }
             put(
                 LayerTensor::MlpNorm,
                 values(layer.post_attention_norm.gamma.val()),
@@ -130,6 +193,9 @@ impl Llama {
             put(LayerTensor::Gate, layer.mlp.gate_proj.checkpoint_values());
             put(LayerTensor::Up, layer.mlp.up_proj.checkpoint_values());
             put(LayerTensor::Down, layer.mlp.down_proj.checkpoint_values());
+            if let Some(bias) = &layer.mlp.down_proj.bias {
+                put(LayerTensor::DownBias, values(bias.val()));
+            }
         }
         source.insert(LlamaTensor::FinalNorm, values(self.norm.gamma.val()));
         if let Some(head) = &self.lm_head {

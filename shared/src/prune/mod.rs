@@ -11,23 +11,28 @@
 //!   [`plan_magnitude`], [`select`]);
 //! - [`structural`]: applying a plan ([`prune_model`]);
 //! - [`kept`]: the per-layer record of kept units, and the maps between pruned and full
-//!   coordinates.
+//!   coordinates;
+//! - [`record`]: a pruned model as a checkpoint folder ([`write_pruned_folder`]), with
+//!   `pruning.json` ([`PruningRecord`]) beside the weights.
 //!
 //! ```text
 //! let stats = calibrate(&model, &sequences);
 //! let plan = plan_flap(&stats, &model, 0.2, &PruneOptions::default())?;
 //! let (pruned, kept) = prune_model(model, &plan);
+//! let record = PruningRecord::new("SmolLM2", &full, kept, step);
+//! write_pruned_folder(&pruned, &config, &record, dir)?; // loads back with HfFolder + Llama::load
 //! ```
 //!
-//! Not here yet: importance from LoRA gradients (FedSpine's client-side score), and exporting a
-//! pruned model as a checkpoint (a `LlamaConfig` has one head count and one intermediate size
-//! for all layers).
+//! Not here yet: importance from LoRA gradients (FedSpine's client-side score), and GGUF export
+//! of a pruned model (llama.cpp reads per-layer head counts as metadata arrays; fedtune's GGUF
+//! reader and writer do not yet).
 
 pub mod calibration;
 pub mod flap;
 pub mod kept;
 pub mod magnitude;
 pub mod plan;
+pub mod record;
 pub mod structural;
 pub mod units;
 
@@ -36,5 +41,8 @@ pub use flap::{compensation_bias, flap_scores, layer_flap_scores};
 pub use kept::{Axis, KeptUnits, gather, scatter};
 pub use magnitude::{layer_magnitude, magnitude_rms, magnitude_scores};
 pub use plan::{PlanError, PruneOptions, PrunePlan, plan_flap, plan_magnitude, select};
+pub use record::{
+    CalibrationInfo, PRUNING_FILE, PruneMetric, PruneStep, PruningRecord, write_pruned_folder,
+};
 pub use structural::prune_model;
 pub use units::{LayerScores, LayerShape, Unit, UnitKind, prunable_params};

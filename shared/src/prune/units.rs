@@ -47,7 +47,7 @@ pub struct LayerScores {
 }
 
 /// One decoder layer's sizes, read from its tensors (layers differ once pruned).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerShape {
     /// Width of the residual stream.
     pub hidden: usize,

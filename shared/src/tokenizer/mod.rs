@@ -188,6 +188,40 @@ impl Tokenizer {
         Ok(Self::assemble(inner, special, config.chat_template))
     }
 
+    /// Writes the tokenizer as a Hugging Face folder keeps it: `tokenizer.json`, and
+    /// `tokenizer_config.json` naming the BOS, EOS and padding tokens and holding the chat
+    /// template, so that [`from_tokenizer_json`](Self::from_tokenizer_json) on the folder gives
+    /// back the same ids, special tokens and template, whether this tokenizer came from a
+    /// `tokenizer.json` or from a GGUF file's metadata.
+    pub fn save_to_folder(&self, dir: &Path) -> Result<(), TokenizerError> {
+        let json_path = dir.join("tokenizer.json");
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|source| TokenizerError::Build {
+                path: json_path.clone(),
+                source,
+            })?;
+        let token = |id: Option<u32>| id.and_then(|id| self.inner.id_to_token(id));
+        let config = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": token(self.special.bos),
+            "eos_token": token(self.special.eos),
+            "pad_token": token(self.special.pad),
+            "chat_template": self.chat_template.as_ref().map(ChatTemplate::source),
+        });
+        let config_path = dir.join("tokenizer_config.json");
+        let config =
+            serde_json::to_string_pretty(&config).map_err(|source| TokenizerError::Json {
+                path: config_path.clone(),
+                source,
+            })?;
+        for (path, text) in [(json_path, json), (config_path, config)] {
+            std::fs::write(&path, text).map_err(|source| TokenizerError::Io { path, source })?;
+        }
+        Ok(())
+    }
+
     fn assemble(
         inner: tokenizers::Tokenizer,
         special: SpecialIds,
@@ -343,6 +377,37 @@ mod tests {
         std::fs::write(dir.path().join("chat_template.jinja"), "{{ bos_token }}\n").unwrap();
         let tok = Tokenizer::from_tokenizer_json(&json).unwrap();
         assert_eq!(tok.apply_chat_template(&[], false).unwrap(), "<|im_start|>");
+    }
+
+    /// A GGUF-built tokenizer saved to a folder loads back with the same ids, special tokens
+    /// and chat template.
+    #[test]
+    fn a_saved_tokenizer_loads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let from_gguf = gguf_vocab::tests::tiny("smollm");
+        let template = ChatTemplate::new("{{ bos_token }}!", Some("<|im_start|>".into()), None);
+        let original = Tokenizer {
+            chat_template: Some(template),
+            ..from_gguf
+        };
+        assert_eq!(
+            (original.bos_id(), original.eos_id(), original.pad_id()),
+            (Some(1), Some(2), Some(0))
+        );
+        original.save_to_folder(dir.path()).unwrap();
+        let back = Tokenizer::from_tokenizer_json(&dir.path().join("tokenizer.json")).unwrap();
+        let text = "<|im_start|>hello world 123!<|im_end|>";
+        assert_eq!(back.encode(text).unwrap(), original.encode(text).unwrap());
+        assert_eq!(back.special, original.special);
+        assert_eq!(back.vocab_size(), original.vocab_size());
+        assert_eq!(
+            back.chat_template().map(ChatTemplate::source),
+            Some("{{ bos_token }}!")
+        );
+        assert_eq!(
+            back.apply_chat_template(&[], false).unwrap(),
+            "<|im_start|>!"
+        );
     }
 
     #[test]
