@@ -430,7 +430,7 @@ impl Core {
         };
         match self
             .store
-            .put_report_and_device(round, device.0, &body_of(&report), &record)
+            .put_report_and_device(round, device.0, &body_of(&report), Some(&record))
         {
             Ok(PutOutcome::Duplicate) => {
                 return Response::Accepted {

@@ -328,33 +328,17 @@ impl Store {
         device: DeviceKey,
         report: &[u8],
     ) -> Result<PutOutcome, StoreError> {
-        let txn = self.db.begin_write()?;
-        let inserted = {
-            let mut reports = txn.open_table(REPORTS)?;
-            if reports.get((round, device))?.is_some() {
-                false
-            } else {
-                reports.insert((round, device), report)?;
-                true
-            }
-        };
-        if inserted {
-            txn.commit()?;
-            Ok(PutOutcome::Inserted)
-        } else {
-            txn.abort()?;
-            Ok(PutOutcome::Duplicate)
-        }
+        self.put_report_and_device(round, device, report, None)
     }
 
-    /// [`Self::put_report`] and, in the same transaction, the device's updated record: one
-    /// durable commit per report instead of two.
+    /// [`Self::put_report`] and, in the same transaction, the device's updated record (when
+    /// given): one durable commit per report instead of two.
     pub fn put_report_and_device(
         &self,
         round: u64,
         device: DeviceKey,
         report: &[u8],
-        record: &[u8],
+        record: Option<&[u8]>,
     ) -> Result<PutOutcome, StoreError> {
         let txn = self.db.begin_write()?;
         let inserted = {
@@ -363,7 +347,9 @@ impl Store {
                 false
             } else {
                 reports.insert((round, device), report)?;
-                txn.open_table(DEVICES)?.insert(device, record)?;
+                if let Some(record) = record {
+                    txn.open_table(DEVICES)?.insert(device, record)?;
+                }
                 true
             }
         };

@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 use burn::module::Module;
 use burn::tensor::Device;
 use fedtune_shared::checkpoint::export::{write_gguf, write_hf_folder};
-use fedtune_shared::checkpoint::{
-    CheckpointError, GgmlType, GgufMetadata, HfFolder, MemorySource, WeightSource,
-};
+use fedtune_shared::checkpoint::{CheckpointError, GgmlType, GgufMetadata, HfFolder, WeightSource};
 use fedtune_shared::model::{Llama, LlamaConfig, TokenBatch};
 use fedtune_shared::prune::{
     Axis, CalibrationInfo, KeptUnits, PRUNING_FILE, PruneMetric, PruneOptions, PrunePlan,
@@ -18,48 +16,19 @@ use fedtune_shared::prune::{
     write_pruned_folder,
 };
 
-/// Three key/value heads of two query heads each, four layers, an untied head.
+mod gqa_model;
+use gqa_model::sequences;
+
+/// The shared test model with an untied head, so checkpoints carry `lm_head` too.
 fn config() -> LlamaConfig {
     LlamaConfig {
-        vocab_size: 64,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 4,
-        num_heads: 6,
-        num_kv_heads: 3,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 128,
         tie_word_embeddings: false,
-        layers: None,
+        ..gqa_model::config()
     }
 }
 
 fn model(seed: u64) -> Llama {
-    Llama::load(
-        &MemorySource::random(config(), seed),
-        &Device::flex(),
-        |_, _| {},
-    )
-    .unwrap()
-}
-
-/// Deterministic token sequences of lengths 5 to 16 (so batches are padded).
-fn sequences(count: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..count)
-        .map(|_| {
-            let len = 5 + (next() % 12) as usize;
-            (0..len).map(|_| (next() % 64) as u32).collect()
-        })
-        .collect()
+    gqa_model::model_of(config(), seed)
 }
 
 fn logits(model: &Llama, sequences: &[Vec<u32>]) -> Vec<f32> {

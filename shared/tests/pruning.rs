@@ -14,7 +14,7 @@ use fedtune_shared::model::attention::Attention;
 use fedtune_shared::model::block::{DecoderLayer, ProjectionInput};
 use fedtune_shared::model::linear::Linear;
 use fedtune_shared::model::mlp::Mlp;
-use fedtune_shared::model::{Llama, LlamaConfig, TokenBatch};
+use fedtune_shared::model::{Llama, TokenBatch};
 use fedtune_shared::prune::flap::{attention_fluctuation, standardise};
 use fedtune_shared::prune::{
     Axis, CalibrationStats, ChannelStats, KeptUnits, LayerShape, LayerStats, PlanError,
@@ -22,49 +22,8 @@ use fedtune_shared::prune::{
     layer_magnitude, plan_flap, plan_magnitude, prunable_params, prune_model, scatter,
 };
 
-/// Grouped-query attention with three key/value heads of two query heads each, four layers.
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 64,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 4,
-        num_heads: 6,
-        num_kv_heads: 3,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 128,
-        tie_word_embeddings: true,
-        layers: None,
-    }
-}
-
-fn model(seed: u64) -> Llama {
-    Llama::load(
-        &MemorySource::random(config(), seed),
-        &Device::flex(),
-        |_, _| {},
-    )
-    .unwrap()
-}
-
-/// Deterministic token sequences of lengths 5 to 16 (so batches are padded).
-fn sequences(count: usize, seed: u64) -> Vec<Vec<u32>> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    (0..count)
-        .map(|_| {
-            let len = 5 + (next() % 12) as usize;
-            (0..len).map(|_| (next() % 64) as u32).collect()
-        })
-        .collect()
-}
+mod gqa_model;
+use gqa_model::{config, model, sequences};
 
 fn host(t: Tensor<2>) -> Vec<f32> {
     t.into_data().try_into_vec_as().unwrap()
