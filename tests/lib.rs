@@ -32,9 +32,7 @@ pub mod network {
     use fedtune_client::trainer::TrainingData;
     use fedtune_client::{Always, Client, ClientConfig, Event};
     use fedtune_server::Core;
-    use fedtune_server::config::{
-        AlgorithmConfig, RoundSettings, ServerConfig, ValidationSettings,
-    };
+    use fedtune_server::config::{AlgorithmConfig, RoundSettings, ServerConfig};
     use fedtune_server::registry::Registry;
     use fedtune_server::transport::Listener;
     use fedtune_shared::checkpoint::export::write_hf_folder;
@@ -85,25 +83,14 @@ pub mod network {
         clients: usize,
         rounds: u64,
     ) -> ServerConfig {
+        let algorithm = AlgorithmConfig::Fedkseed {
+            run: fedkseed_run(),
+            batch_size: 1,
+        };
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            public_address: None,
-            metrics: None,
-            state_dir: state_dir.to_path_buf(),
-            model: model.to_path_buf(),
-            rounds: RoundSettings {
-                total_rounds: rounds,
-                clients_per_round: clients,
-                over_selection: 1.0,
-                min_reports: clients,
-                deadline_s: 120.0,
-                ..RoundSettings::default()
-            },
-            validation: ValidationSettings::default(),
-            algorithm: AlgorithmConfig::Fedkseed {
-                run: fedkseed_run(),
-                batch_size: 1,
-            },
+            rounds: RoundSettings::everyone(clients, rounds, 120.0),
+            ..ServerConfig::new(state_dir, model, algorithm)
         }
     }
 

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use fedtune_client::connection::Connection;
 use fedtune_server::Core;
 use fedtune_server::algorithm::RoundSummary;
-use fedtune_server::config::{AlgorithmConfig, RoundSettings, ServerConfig, ValidationSettings};
+use fedtune_server::config::{AlgorithmConfig, RoundSettings, ServerConfig};
 use fedtune_server::registry::Registry;
 use fedtune_server::store::Store;
 use fedtune_server::transport::Listener;
@@ -350,25 +350,14 @@ fn server_config(
     model: &std::path::Path,
     devices: usize,
 ) -> ServerConfig {
+    let algorithm = AlgorithmConfig::Fedkseed {
+        run: run_config(),
+        batch_size: BATCH_SIZE,
+    };
     ServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        public_address: None,
-        metrics: None,
-        state_dir: state_dir.to_path_buf(),
-        model: model.to_path_buf(),
-        rounds: RoundSettings {
-            total_rounds: 1,
-            clients_per_round: devices,
-            over_selection: 1.0,
-            min_reports: devices,
-            deadline_s: 3600.0,
-            ..RoundSettings::default()
-        },
-        validation: ValidationSettings::default(),
-        algorithm: AlgorithmConfig::Fedkseed {
-            run: run_config(),
-            batch_size: BATCH_SIZE,
-        },
+        rounds: RoundSettings::everyone(devices, 1, 3600.0),
+        ..ServerConfig::new(state_dir, model, algorithm)
     }
 }
 

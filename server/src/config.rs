@@ -113,6 +113,19 @@ impl RoundSettings {
         Duration::from_secs_f64(self.deadline_s.max(0.0))
     }
 
+    /// Rounds that wait for every one of `devices` devices: no over-selection, the quorum and
+    /// the minimum both `devices` (how the tests and the load benchmark make runs exact).
+    pub fn everyone(devices: usize, total_rounds: u64, deadline_s: f64) -> Self {
+        Self {
+            total_rounds,
+            clients_per_round: devices,
+            over_selection: 1.0,
+            min_reports: devices,
+            deadline_s,
+            ..Self::default()
+        }
+    }
+
     /// Plans handed out per round.
     pub fn slots(&self) -> usize {
         ((self.clients_per_round as f64 * self.over_selection).ceil() as usize)
@@ -186,6 +199,21 @@ fn default_local_steps() -> usize {
 }
 
 impl ServerConfig {
+    /// A daemon with its state in `state_dir`, on `model`, running `algorithm`, with every other
+    /// setting at its default (listening on 0.0.0.0:4433, no metrics endpoint).
+    pub fn new(state_dir: &Path, model: &Path, algorithm: AlgorithmConfig) -> Self {
+        Self {
+            listen: default_listen(),
+            public_address: None,
+            metrics: None,
+            state_dir: state_dir.to_path_buf(),
+            model: model.to_path_buf(),
+            rounds: RoundSettings::default(),
+            validation: ValidationSettings::default(),
+            algorithm,
+        }
+    }
+
     /// Reads and checks a configuration file. Relative paths in it are taken relative to the
     /// file's folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {

@@ -26,7 +26,7 @@ use crate::blobs::{BlobError, Blobs};
 use crate::config::{AlgorithmConfig, ServerConfig};
 use crate::identity::{IdentityError, ServerKeys};
 use crate::metrics::Metrics;
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{DeviceRecord, Registry, RegistryError};
 use crate::rounds::{Phase, PollDecision, RoundRefusal, RoundRules, Rounds};
 use crate::store::{PutOutcome, Store, StoreError};
 
@@ -310,20 +310,13 @@ impl Core {
                 }
             }
             request => {
-                let Some(device) = session.device else {
-                    return wire(ErrorCode::Unauthenticated, "authenticate first");
+                let (device, record) = match self.authorized(session) {
+                    Ok(authorized) => authorized,
+                    Err(refusal) => return refusal,
                 };
-                match registry.record(device) {
-                    Ok(Some(r)) if !r.revoked => {}
-                    Ok(Some(_)) => {
-                        return wire(ErrorCode::Revoked, format!("device {device} is revoked"));
-                    }
-                    Ok(None) => return wire(ErrorCode::Unauthenticated, "device is not enrolled"),
-                    Err(e) => return self.internal(e),
-                }
                 match request {
                     Request::Poll(poll) => self.poll(device, poll, now),
-                    Request::Report(report) => self.report(device, report, now),
+                    Request::Report(report) => self.report(device, record, report),
                     Request::UploadStatus { digest } => Response::UploadOffset {
                         offset: self.blobs.upload_offset(device, &digest),
                     },
@@ -379,7 +372,7 @@ impl Core {
         }
     }
 
-    fn report(&self, device: DeviceId, report: Report, now: Instant) -> Response {
+    fn report(&self, device: DeviceId, mut record: DeviceRecord, report: Report) -> Response {
         if report.run_id != self.run_id {
             return wire(ErrorCode::WrongRound, "the report belongs to another run");
         }
@@ -417,11 +410,6 @@ impl Core {
             return Response::Error(rejection.into());
         }
         // The report and the device's record (its last round and measured time) in one commit.
-        let mut record = match Registry::new(&self.store).record(device) {
-            Ok(Some(record)) => record,
-            Ok(None) => return wire(ErrorCode::Unauthenticated, "device is not enrolled"),
-            Err(e) => return self.internal(e),
-        };
         record.last_round = round;
         record.last_round_s = Some(report.stats.wall_s);
         let record = match serde_json::to_vec(&record) {
@@ -447,7 +435,6 @@ impl Core {
         {
             tracing::error!(round, error = %e, "aggregation failed; the round stays closing");
         }
-        let _ = now;
         Response::Accepted {
             round,
             duplicate: false,
@@ -502,21 +489,21 @@ impl Core {
         );
         Ok(summary)
     }
-
-    /// When the timer should next fire.
-    pub fn next_timeout(&self) -> Option<Instant> {
-        self.lock().rounds.next_timeout()
-    }
 }
 
 impl Core {
     /// The authenticated, not revoked device of a session, or the refusal to send.
     pub fn authorize(&self, session: &Session) -> Result<DeviceId, Response> {
+        self.authorized(session).map(|(device, _)| device)
+    }
+
+    /// [`Self::authorize`], with the device's record.
+    fn authorized(&self, session: &Session) -> Result<(DeviceId, DeviceRecord), Response> {
         let Some(device) = session.device else {
             return Err(wire(ErrorCode::Unauthenticated, "authenticate first"));
         };
         match Registry::new(&self.store).record(device) {
-            Ok(Some(r)) if !r.revoked => Ok(device),
+            Ok(Some(r)) if !r.revoked => Ok((device, r)),
             Ok(Some(_)) => Err(wire(
                 ErrorCode::Revoked,
                 format!("device {device} is revoked"),

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use fedtune_shared::protocol::SigningKey;
 use fedtune_shared::transport::identity::ServerIdentity;
 use fedtune_shared::transport::tls::SERVER_NAME;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// Why the keys could not be loaded or made.
 #[derive(Debug, thiserror::Error)]
@@ -79,25 +81,28 @@ impl ServerKeys {
             path: dir.to_path_buf(),
             source,
         })?;
-        let cert_path = dir.join("tls-cert.der");
+        let cert_path = dir.join("tls-cert.pem");
         let key_path = dir.join("tls-key.der");
         let sign_path = dir.join("signing-key.pk8");
         let invalid = |path: &Path, message: String| IdentityError::Invalid {
             path: path.to_path_buf(),
             message,
         };
-        let (cert_der, tls_key_der) = match (read(&cert_path)?, read(&key_path)?) {
-            (Some(c), Some(k)) => (c, k),
+        let (cert_pem, tls_key_der) = match (read(&cert_path)?, read(&key_path)?) {
+            (Some(c), Some(k)) => (
+                String::from_utf8(c).map_err(|_| invalid(&cert_path, "not PEM text".into()))?,
+                k,
+            ),
             _ => {
                 let certified = rcgen::generate_simple_self_signed(vec![
                     SERVER_NAME.to_string(),
                     "localhost".to_string(),
                 ])
                 .map_err(|e| invalid(&cert_path, e.to_string()))?;
-                let cert = certified.cert.der().to_vec();
+                let cert = certified.cert.pem();
                 let key = certified.signing_key.serialize_der();
                 write_private(&key_path, &key)?;
-                write_private(&cert_path, &cert)?;
+                write_private(&cert_path, cert.as_bytes())?;
                 (cert, key)
             }
         };
@@ -121,7 +126,9 @@ impl ServerKeys {
                 secret
             }
         };
-        let cert_pem = pem_of(&cert_der);
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| invalid(&cert_path, e.to_string()))?
+            .to_vec();
         Ok(Self {
             cert_der,
             cert_pem,
@@ -139,31 +146,4 @@ impl ServerKeys {
             signing_key: self.signing.public_key().to_string(),
         }
     }
-}
-
-/// PEM of a DER certificate. Written here because it is 15 lines and the `pem` crate would be
-/// one more dependency for it.
-fn pem_of(der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::new();
-    for chunk in der.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }

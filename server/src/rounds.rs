@@ -94,7 +94,6 @@ pub struct Rounds {
     rules: RoundRules,
     round: u64,
     phase: Phase,
-    opened_at: Instant,
     deadline: Instant,
     assigned: BTreeSet<DeviceId>,
     reported: BTreeSet<DeviceId>,
@@ -116,7 +115,6 @@ impl Rounds {
             rules,
             round,
             phase: Phase::Open,
-            opened_at: now,
             deadline: now + rules.deadline,
             assigned: reported.clone(),
             reported,
@@ -142,11 +140,6 @@ impl Rounds {
     /// Devices whose report for this round is stored.
     pub fn reported(&self) -> &BTreeSet<DeviceId> {
         &self.reported
-    }
-
-    /// When the round opened.
-    pub fn opened_at(&self) -> Instant {
-        self.opened_at
     }
 
     /// A device asks for work.
@@ -240,18 +233,12 @@ impl Rounds {
         self.round += 1;
         self.assigned.clear();
         self.reported.clear();
-        self.opened_at = now;
         self.deadline = now + self.rules.deadline;
         self.phase = if self.round > self.rules.total_rounds {
             Phase::Finished
         } else {
             Phase::Open
         };
-    }
-
-    /// When the daemon should next call [`Self::on_timer`].
-    pub fn next_timeout(&self) -> Option<Instant> {
-        (self.phase == Phase::Open).then_some(self.deadline)
     }
 }
 

@@ -255,36 +255,14 @@ impl Store {
     /// Returns Ok(true) when a use was taken; the token is removed with its last use.
     pub fn consume_token(&self, token_hash: [u8; 32]) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
-        let consumed = {
-            let mut tokens = txn.open_table(TOKENS)?;
-            let uses = match tokens.get(token_hash)? {
-                Some(bytes) => Some(decode_u32(bytes.value(), "token uses")?),
-                None => None,
-            };
-            match uses {
-                None => None,
-                Some(0) => {
-                    tokens.remove(token_hash)?;
-                    Some(false)
-                }
-                Some(1) => {
-                    tokens.remove(token_hash)?;
-                    Some(true)
-                }
-                Some(n) => {
-                    tokens.insert(token_hash, (n - 1).to_le_bytes().as_slice())?;
-                    Some(true)
-                }
-            }
-        };
-        match consumed {
+        match take_token_use(&txn, token_hash)? {
             None => {
                 txn.abort()?;
                 Ok(false)
             }
-            Some(consumed) => {
+            Some(taken) => {
                 txn.commit()?;
-                Ok(consumed)
+                Ok(taken)
             }
         }
     }
@@ -378,31 +356,22 @@ impl Store {
         record: &[u8],
     ) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
-        let taken = {
-            let mut tokens = txn.open_table(TOKENS)?;
-            let uses = match tokens.get(token_hash)? {
-                Some(bytes) => decode_u32(bytes.value(), "token uses")?,
-                None => 0,
-            };
-            match uses {
-                0 => false,
-                1 => {
-                    tokens.remove(token_hash)?;
-                    true
-                }
-                n => {
-                    tokens.insert(token_hash, (n - 1).to_le_bytes().as_slice())?;
-                    true
-                }
+        match take_token_use(&txn, token_hash)? {
+            None => {
+                txn.abort()?;
+                Ok(false)
             }
-        };
-        if !taken {
-            txn.abort()?;
-            return Ok(false);
+            Some(false) => {
+                // The exhausted token was removed; keep that.
+                txn.commit()?;
+                Ok(false)
+            }
+            Some(true) => {
+                txn.open_table(DEVICES)?.insert(id, record)?;
+                txn.commit()?;
+                Ok(true)
+            }
         }
-        txn.open_table(DEVICES)?.insert(id, record)?;
-        txn.commit()?;
-        Ok(true)
     }
 
     /// The reports of `round` with their devices, sorted by device id.
@@ -645,4 +614,31 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 #[cfg(not(unix))]
 fn sync_dir(_dir: &Path) -> Result<(), StoreError> {
     Ok(())
+}
+
+/// Takes one use of a token inside `txn`: `Some(true)` when a use was taken (the token goes with
+/// its last use), `Some(false)` when it was exhausted (it is removed), `None` when it is unknown.
+fn take_token_use(
+    txn: &redb::WriteTransaction,
+    token_hash: [u8; 32],
+) -> Result<Option<bool>, StoreError> {
+    let mut tokens = txn.open_table(TOKENS)?;
+    let uses = match tokens.get(token_hash)? {
+        Some(bytes) => decode_u32(bytes.value(), "token uses")?,
+        None => return Ok(None),
+    };
+    match uses {
+        0 => {
+            tokens.remove(token_hash)?;
+            Ok(Some(false))
+        }
+        1 => {
+            tokens.remove(token_hash)?;
+            Ok(Some(true))
+        }
+        n => {
+            tokens.insert(token_hash, (n - 1).to_le_bytes().as_slice())?;
+            Ok(Some(true))
+        }
+    }
 }

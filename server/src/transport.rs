@@ -251,7 +251,9 @@ async fn serve_stream(
     };
     let bytes = fedtune_shared::protocol::frame::encode(&response)?;
     metrics.bytes_out.inc_by(bytes.len() as u64);
-    write_message(&mut send, &response).await?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| TransportError::Write(e.to_string()))?;
     let _ = send.finish();
     // Wait until the device has the answer (or is gone) before dropping the stream.
     let _ = send.stopped().await;

@@ -176,12 +176,20 @@ impl ServerAlgorithm for Lora {
                 let bandit = self.bandit(device)?;
                 let arm = bandit.select();
                 let rank = bandit.arms()[arm].lora_rank;
-                let adapter = adapter_for_rank(&self.state.global, rank, self.settings.strategy)
-                    .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
-                let sent = self
-                    .blobs
-                    .put(&encode_adapter(&adapter))
-                    .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+                // Every device of a rank gets the same adapter this round: made (an SVD for FlexLoRA)
+                // and stored once per rank, not once per device.
+                let same_rank = self.state.assigned.values().find(|a| a.rank == rank);
+                let sent = match same_rank {
+                    Some(a) => a.sent,
+                    None => {
+                        let adapter =
+                            adapter_for_rank(&self.state.global, rank, self.settings.strategy)
+                                .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+                        self.blobs
+                            .put(&encode_adapter(&adapter))
+                            .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?
+                    }
+                };
                 let a = Assignment { arm, rank, sent };
                 self.state.assigned.insert(device, a.clone());
                 a

@@ -177,13 +177,6 @@ pub fn decode<T: DeserializeOwned>(frame: &[u8], limit: usize) -> Result<T, Fram
     decode_body(body)
 }
 
-/// Encoded size of a message's body, as the wire carries it (without the 8-byte header).
-pub fn body_size<T: Serialize>(message: &T) -> usize {
-    bincode::serde::encode_to_vec(message, config::<MAX_BODY>())
-        .map(|v| v.len())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

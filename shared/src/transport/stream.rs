@@ -10,9 +10,9 @@ use serde::de::DeserializeOwned;
 use tokio::io::AsyncWriteExt;
 
 use super::TransportError;
-use crate::protocol::blob::{CHUNK_BYTES, DigestWriter};
+use crate::protocol::FrameError;
+use crate::protocol::blob::CHUNK_BYTES;
 use crate::protocol::frame::{self, FrameHeader, HEADER_LEN};
-use crate::protocol::{Digest, FrameError};
 
 /// Writes one message as a frame.
 pub async fn write_message<T: Serialize>(
@@ -132,20 +132,4 @@ pub async fn receive_to_file(
     file.flush().await?;
     file.sync_data().await?;
     outcome
-}
-
-/// The SHA-256 of a file on disk (a blob held or received).
-pub async fn file_digest(path: &Path) -> Result<Digest, TransportError> {
-    use tokio::io::AsyncReadExt;
-    let mut file = tokio::fs::File::open(path).await?;
-    let mut writer = DigestWriter::default();
-    let mut buf = vec![0u8; CHUNK_BYTES];
-    loop {
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        writer.update(&buf[..n]);
-    }
-    Ok(writer.finish())
 }
