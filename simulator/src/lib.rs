@@ -1,0 +1,12 @@
+//! fedtune-simulator: the one-machine simulation harness.
+//!
+//! Hundreds of virtual devices share one copy of the frozen base weights; each device is a
+//! profile (speed, memory, bandwidth, availability) and a slice of a real data set. The
+//! harness drives the daemon's own algorithm drivers and the device SDK's own training code,
+//! in process or over loopback QUIC, and writes per-round metrics, plots and reports.
+
+#![warn(missing_docs)]
+
+pub mod plot;
+pub mod record;
+pub mod report;

@@ -1,0 +1,1 @@
+//! Plots of runs (filled by the plotting work).
