@@ -96,6 +96,24 @@ impl StateDir {
         }
     }
 
+    /// Installs `key` as the device key before first use (a fleet provisioned by its operator,
+    /// or a simulation that needs the same device ids on every run). Refuses to replace a key
+    /// the device already has: its id and enrollment hang on it.
+    pub fn provision_key(&self, key: &SigningKey) -> Result<(), StateError> {
+        let path = self.dir.join("device-key.pk8");
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes == key.pkcs8() => Ok(()),
+            Ok(_) => Err(StateError::Corrupt {
+                path,
+                message: "the device already has another key".into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_atomically(&path, key.pkcs8())
+            }
+            Err(source) => Err(StateError::Io { path, source }),
+        }
+    }
+
     /// Where a download of blob `digest` is kept while incomplete.
     pub fn download_path(&self, digest: &Digest) -> PathBuf {
         self.dir.join(format!("download-{digest}.part"))

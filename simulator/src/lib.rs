@@ -7,6 +7,11 @@
 
 #![warn(missing_docs)]
 
+pub mod engine;
+pub mod evaluation;
+pub mod fleet;
+pub mod local;
 pub mod plot;
+pub mod population;
 pub mod record;
 pub mod report;

@@ -92,6 +92,25 @@ impl SigningKey {
         Self::from_pkcs8(pkcs8.as_ref())
     }
 
+    /// The key whose 32-byte Ed25519 seed is `seed`. For simulations and tests that need the
+    /// same device ids on every run; a real device uses [`Self::generate`].
+    pub fn from_seed(seed: &[u8; 32]) -> Result<Self, AuthError> {
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed)
+            .map_err(|_| AuthError::InvalidKey("not an Ed25519 seed"))?;
+        // The PKCS#8 v2 document ring itself writes (RFC 8410: OneAsymmetricKey with the
+        // public key), so the key stores and reloads like a generated one.
+        const PREFIX: [u8; 16] = [
+            0x30, 0x53, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22,
+            0x04, 0x20,
+        ];
+        const MIDDLE: [u8; 5] = [0xa1, 0x23, 0x03, 0x21, 0x00];
+        let mut pkcs8 = PREFIX.to_vec();
+        pkcs8.extend_from_slice(seed);
+        pkcs8.extend_from_slice(&MIDDLE);
+        pkcs8.extend_from_slice(pair.public_key().as_ref());
+        Self::from_pkcs8(&pkcs8)
+    }
+
     /// Loads a key from its PKCS#8 document.
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, AuthError> {
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8)
@@ -256,6 +275,19 @@ pub fn hex_decode(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeded_keys_are_stable_and_reload() {
+        let a = SigningKey::from_seed(&[7; 32]).unwrap();
+        let b = SigningKey::from_seed(&[7; 32]).unwrap();
+        let c = SigningKey::from_seed(&[8; 32]).unwrap();
+        assert_eq!(a.public_key(), b.public_key());
+        assert_ne!(a.public_key(), c.public_key());
+        let reloaded = SigningKey::from_pkcs8(a.pkcs8()).unwrap();
+        assert_eq!(reloaded.public_key(), a.public_key());
+        let sig = reloaded.sign(PLAN_LABEL, b"x");
+        a.public_key().verify(PLAN_LABEL, b"x", &sig).unwrap();
+    }
 
     #[test]
     fn signatures_bind_label_and_bytes() {

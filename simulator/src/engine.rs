@@ -1,0 +1,398 @@
+//! The in-process round loop: the daemon's own algorithm driver (`ServerAlgorithm`: tasks,
+//! validation, aggregation) and the device SDK's own training functions, with the network
+//! replaced by function calls and the fleet's availability, dropouts, speeds and links
+//! simulated. Plans and reports are still encoded as they would be on the wire, so byte counts
+//! are real.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::Module;
+use fedtune_client::trainer::FedKSeedModel;
+use fedtune_server::algorithm::fedkseed::FedKSeed;
+use fedtune_server::algorithm::lora::{Lora, LoraSettings};
+use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
+use fedtune_server::blobs::{BlobError, Blobs};
+use fedtune_server::config::AlgorithmConfig;
+use fedtune_server::daemon::local_seed;
+use fedtune_shared::lora::attach::{adapter_weights, attach_fresh, attach_weights};
+use fedtune_shared::model::Llama;
+use fedtune_shared::protocol::auth::PLAN_LABEL;
+use fedtune_shared::protocol::frame::encode;
+use fedtune_shared::protocol::{
+    DeviceId, Digest, Plan, Report, Request, Response, SigningKey, Task,
+};
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::evaluation::{Evaluation, Evaluator};
+use crate::fleet::{DeviceProfile, round_time_s};
+use crate::local::{LocalError, LocalResult, SharedModels, run_task};
+use crate::population::Population;
+use crate::record::RoundRecord;
+
+/// How rounds are run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundPolicy {
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Devices given a task per round (fewer when fewer are available).
+    pub clients_per_round: usize,
+    /// Seconds of simulated time after which the server stops waiting for a device
+    /// (`None`: it waits for every device that did not drop out).
+    pub deadline_s: Option<f64>,
+    /// Seed of availability, selection and dropouts (and the daemon's per-device seeds).
+    pub seed: u64,
+    /// Evaluate every this many rounds (the last round always).
+    pub eval_every: u64,
+    /// Devices trained at the same time on this machine.
+    pub concurrency: usize,
+}
+
+/// Why a run stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The algorithm failed (a server fault).
+    #[error("algorithm: {0}")]
+    Algorithm(#[from] AlgorithmError),
+    /// The blob store failed.
+    #[error("blob store: {0}")]
+    Blob(#[from] BlobError),
+    /// A setting the run cannot use.
+    #[error("{0}")]
+    Invalid(String),
+    /// A message could not be encoded.
+    #[error("encoding: {0}")]
+    Encode(String),
+}
+
+/// The daemon's driver of the run's algorithm, with what the harness needs to evaluate its
+/// global model.
+pub enum Driver {
+    /// FedKSeed (or Pro): the driver and the one global model all virtual devices share.
+    FedKSeed {
+        /// The daemon's FedKSeed driver.
+        algorithm: FedKSeed,
+        /// The global model, caught up before each round.
+        model: FedKSeedModel,
+    },
+    /// LoRA with any aggregation strategy.
+    Lora(Lora),
+}
+
+impl Driver {
+    /// The driver the daemon would build for `config` over `base` (the daemon loads the
+    /// model itself; the harness passes the copy it holds). `blobs` is the driver's store.
+    pub fn new(
+        config: &AlgorithmConfig,
+        base: &Llama,
+        blobs: Blobs,
+        seed: u64,
+        max_norm: Option<f64>,
+    ) -> Result<Self, EngineError> {
+        match config {
+            AlgorithmConfig::Fedkseed { run, batch_size } => Ok(Self::FedKSeed {
+                algorithm: FedKSeed::new(run.clone(), *batch_size, max_norm),
+                model: FedKSeedModel::new(base.valid()),
+            }),
+            AlgorithmConfig::Lora {
+                lora,
+                ranks,
+                train,
+                local_steps,
+                strategy,
+            } => {
+                let settings = LoraSettings {
+                    lora: lora.clone(),
+                    ranks: ranks.clone(),
+                    train: train.clone(),
+                    local_steps: *local_steps,
+                    strategy: *strategy,
+                    seed,
+                    max_norm,
+                };
+                // The daemon's first adapter: fresh at the largest rank, seeded by the run.
+                let mut fresh = lora.clone();
+                fresh.rank = ranks.iter().copied().max().unwrap_or(fresh.rank);
+                let initial =
+                    adapter_weights(&attach_fresh(base.valid(), &fresh, seed), fresh.scaling)
+                        .ok_or_else(|| {
+                            EngineError::Invalid("the LoRA configuration adapts no layer".into())
+                        })?;
+                Ok(Self::Lora(Lora::new(settings, blobs, initial)))
+            }
+            #[allow(unreachable_patterns)] // further algorithms are added to the daemon first
+            _ => Err(EngineError::Invalid(
+                "the harness cannot drive this algorithm yet".into(),
+            )),
+        }
+    }
+
+    fn algorithm(&mut self) -> &mut dyn ServerAlgorithm {
+        match self {
+            Self::FedKSeed { algorithm, .. } => algorithm,
+            Self::Lora(lora) => lora,
+        }
+    }
+
+    /// Brings the shared FedKSeed model up to the last aggregated round (what every device's
+    /// own replay would give).
+    fn catch_up(&mut self) -> Result<(), EngineError> {
+        if let Self::FedKSeed { algorithm, model } = self {
+            let plan = algorithm.server().plan(model.held_round());
+            model
+                .catch_up(&plan.config, &plan.catch_up)
+                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The global model for inference.
+    pub fn global_model(&mut self, base: &Llama) -> Result<Llama, EngineError> {
+        self.catch_up()?;
+        match self {
+            Self::FedKSeed { model, .. } => Ok(model.model().clone()),
+            Self::Lora(lora) => attach_weights(base.valid(), lora.global(), 0.0)
+                .map_err(|e| EngineError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// What one device did in a round.
+struct Attempt {
+    client: usize,
+    device: DeviceId,
+    down_bytes: u64,
+    outcome: Option<Result<LocalResult, LocalError>>,
+}
+
+/// Runs `policy.rounds` rounds of `driver` over `population` and `fleet`, calling `on_round`
+/// with each round's record. The initial evaluation is returned first.
+#[allow(clippy::too_many_arguments)]
+pub fn run_in_process(
+    label: &str,
+    algorithm_name: &str,
+    base: &Llama,
+    driver: &mut Driver,
+    blobs: &Blobs,
+    population: &Population,
+    fleet: &[DeviceProfile],
+    policy: &RoundPolicy,
+    evaluator: &Evaluator,
+    mut on_round: impl FnMut(&RoundRecord),
+) -> Result<Evaluation, EngineError> {
+    if policy.clients_per_round == 0 || population.clients.is_empty() {
+        return Err(EngineError::Invalid("no clients to run".into()));
+    }
+    if fleet.is_empty() {
+        return Err(EngineError::Invalid("the fleet has no profiles".into()));
+    }
+    let initial = evaluator.evaluate(&driver.global_model(base)?);
+    // The harness plays the daemon: it signs plans like the daemon would, so their encoded
+    // size is the real one.
+    let server_key = SigningKey::from_seed(&crate::population::key_seed(policy.seed, usize::MAX))
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let run_id = policy.seed;
+    let mut last_seen = vec![0u64; population.clients.len()];
+    let mut sim_time = 0.0f64;
+    let mut total_bytes = 0u64;
+    for round in 1..=policy.rounds {
+        let started = Instant::now();
+        driver.catch_up()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(policy.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let available: Vec<usize> = (0..population.clients.len())
+            .filter(|&i| rng.random::<f64>() < profile(fleet, population, i).availability)
+            .collect();
+        let take = policy.clients_per_round.min(available.len());
+        let mut chosen: Vec<usize> = sample(&mut rng, available.len(), take)
+            .into_iter()
+            .map(|k| available[k])
+            .collect();
+        chosen.sort_unstable();
+        let drops: Vec<bool> = chosen
+            .iter()
+            .map(|&c| rng.random::<f64>() < profile(fleet, population, c).dropout)
+            .collect();
+
+        // Tasks are made one at a time, as the daemon does when devices poll.
+        let mut jobs = Vec::with_capacity(chosen.len());
+        let mut bytes_down = 0u64;
+        for (&c, &dropped) in chosen.iter().zip(&drops) {
+            let device = population.clients[c].device;
+            let task = driver.algorithm().task(device, last_seen[c])?;
+            let seed = local_seed(policy.seed, round, device);
+            let plan = Plan {
+                run_id,
+                round,
+                device,
+                base_model: Digest([0; 32]),
+                local_seed: seed,
+                deadline_ms: policy.deadline_s.map_or(0, |s| (s * 1000.0) as u64),
+                task: task.clone(),
+            };
+            let signed = server_key
+                .sign_value(PLAN_LABEL, &plan)
+                .map_err(|e| EngineError::Encode(e.to_string()))?;
+            let frame = encode(&Response::Plan(signed)).map_err(|e| EngineError::Encode(e.to_string()))?;
+            last_seen[c] = round - 1;
+            bytes_down += frame.len() as u64;
+            jobs.push((c, device, task, seed, frame.len() as u64, dropped));
+        }
+
+        let attempts = train_all(base, driver, blobs, population, &jobs, policy.concurrency);
+
+        let mut reports = Vec::new();
+        let mut round_time = 0.0f64;
+        let mut dropped = 0usize;
+        let mut bytes_up = 0u64;
+        for attempt in attempts {
+            let profile = profile(fleet, population, attempt.client);
+            let Some(outcome) = attempt.outcome else {
+                // Dropped out after taking the task: it cost the download and the wait.
+                dropped += 1;
+                continue;
+            };
+            let result = match outcome {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(client = %population.clients[attempt.client].name, error = %e, "device failed its round");
+                    dropped += 1;
+                    continue;
+                }
+            };
+            bytes_down += result.blob_down_bytes;
+            if profile.memory_bytes.is_some_and(|m| result.model_bytes > m) {
+                dropped += 1;
+                continue;
+            }
+            let mut report = Report {
+                run_id,
+                round,
+                stats: result.stats,
+                payload: result.payload,
+            };
+            let frame_len = encode(&Request::Report(report.clone()))
+                .map_err(|e| EngineError::Encode(e.to_string()))?
+                .len() as u64;
+            let up = frame_len + result.blob_up_bytes;
+            let time = round_time_s(profile, result.stats.wall_s, attempt.down_bytes + result.blob_down_bytes, up);
+            if policy.deadline_s.is_some_and(|d| time > d) {
+                dropped += 1;
+                bytes_up += up;
+                round_time = round_time.max(policy.deadline_s.unwrap_or(time));
+                continue;
+            }
+            // The bandit sees the device's simulated round, not this machine's.
+            report.stats.wall_s = time;
+            if let Err(rejection) = driver.algorithm().validate(attempt.device, &report) {
+                tracing::warn!(client = %population.clients[attempt.client].name, %rejection, "report rejected");
+                dropped += 1;
+                continue;
+            }
+            bytes_up += up;
+            round_time = round_time.max(time);
+            reports.push((attempt.device, report));
+        }
+        reports.sort_by_key(|(device, _)| *device);
+        let train_loss = if reports.is_empty() {
+            tracing::warn!(round, "no report this round; the global model stays");
+            f32::NAN
+        } else {
+            driver.algorithm().aggregate(&reports)?.mean_loss
+        };
+        sim_time += round_time;
+        total_bytes += bytes_up + bytes_down;
+        let evaluation = (round % policy.eval_every.max(1) == 0 || round == policy.rounds)
+            .then(|| driver.global_model(base).map(|m| evaluator.evaluate(&m)))
+            .transpose()?;
+        let record = RoundRecord {
+            run: label.to_string(),
+            algorithm: algorithm_name.to_string(),
+            round,
+            clients: reports.len(),
+            dropped,
+            train_loss,
+            heldout_loss: evaluation.as_ref().map(|e| e.loss),
+            perplexity: evaluation.as_ref().map(|e| e.loss.exp()),
+            rouge_l: evaluation.as_ref().and_then(|e| e.rouge_l),
+            round_time_s: round_time,
+            sim_time_s: sim_time,
+            bytes_up,
+            bytes_down,
+            total_bytes,
+            host_wall_s: started.elapsed().as_secs_f64(),
+            peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
+        };
+        tracing::info!(?record, "round simulated");
+        on_round(&record);
+    }
+    Ok(initial)
+}
+
+fn profile<'a>(fleet: &'a [DeviceProfile], population: &Population, client: usize) -> &'a DeviceProfile {
+    let index = population.clients[client].profile.min(fleet.len() - 1);
+    &fleet[index]
+}
+
+type Job = (usize, DeviceId, Task, u64, u64, bool);
+
+/// Trains the round's devices, `concurrency` at a time; results in job order.
+fn train_all(
+    base: &Llama,
+    driver: &Driver,
+    blobs: &Blobs,
+    population: &Population,
+    jobs: &[Job],
+    concurrency: usize,
+) -> Vec<Attempt> {
+    let fedkseed = match driver {
+        Driver::FedKSeed { model, .. } => Some(model),
+        Driver::Lora(_) => None,
+    };
+    let run = |job: &Job, base: &Llama, fedkseed: Option<&FedKSeedModel>| {
+        let (client, device, task, seed, down, dropped) = job;
+        let outcome = (!dropped).then(|| {
+            let models = SharedModels { base, fedkseed };
+            run_task(&models, blobs, task, *seed, &population.training_data(*client))
+        });
+        Attempt {
+            client: *client,
+            device: *device,
+            down_bytes: *down,
+            outcome,
+        }
+    };
+    let workers = concurrency.clamp(1, jobs.len().max(1));
+    if workers == 1 {
+        return jobs.iter().map(|j| run(j, base, fedkseed)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slots: Vec<Option<Attempt>> = (0..jobs.len()).map(|_| None).collect();
+    let done = std::sync::Mutex::new(&mut slots);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            // Each worker holds its own handles on the shared weights (clones share tensors).
+            let base = base.clone();
+            let fedkseed = fedkseed.cloned();
+            let (next, done, run) = (&next, &done, &run);
+            scope.spawn(move || {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { break };
+                    let attempt = run(job, &base, fedkseed.as_ref());
+                    if let Ok(mut slots) = done.lock() {
+                        slots[i] = Some(attempt);
+                    }
+                }
+            });
+        }
+    });
+    slots.into_iter().flatten().collect()
+}
+
+/// A fresh blob store for a run's driver under `dir`.
+pub fn blob_store(dir: &Path) -> Result<Blobs, EngineError> {
+    Ok(Blobs::open(dir)?)
+}

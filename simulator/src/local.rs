@@ -1,0 +1,106 @@
+//! A virtual device's round in process: the same training functions the device SDK runs
+//! (`fedtune_client::trainer`), fed from the daemon's blob store instead of a QUIC stream, so
+//! an in-process run and a QUIC run compute the same thing.
+
+use fedtune_client::trainer::{FedKSeedModel, TrainError, TrainingData, train_lora};
+use fedtune_server::blobs::{BlobError, Blobs};
+use fedtune_shared::model::Llama;
+use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
+use fedtune_shared::protocol::{LocalStats, ReportPayload, Task};
+
+/// What a device's round produced.
+#[derive(Debug, Clone)]
+pub struct LocalResult {
+    /// The report's payload.
+    pub payload: ReportPayload,
+    /// What the device measured (wall time on this machine).
+    pub stats: LocalStats,
+    /// Bytes of blobs the device downloaded for the task.
+    pub blob_down_bytes: u64,
+    /// Bytes of blobs it uploaded.
+    pub blob_up_bytes: u64,
+    /// Bytes of weights and adapters the device held while training (the memory a profile's
+    /// limit is checked against).
+    pub model_bytes: u64,
+}
+
+/// Why a device's round failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalError {
+    /// Training failed.
+    #[error("training failed: {0}")]
+    Train(#[from] TrainError),
+    /// A blob was missing or unreadable.
+    #[error("blob: {0}")]
+    Blob(#[from] BlobError),
+    /// A plan this harness cannot run.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// The models a round's devices start from, shared by all of them.
+pub struct SharedModels<'a> {
+    /// The frozen base (on the training device: autodiff for LoRA).
+    pub base: &'a Llama,
+    /// FedKSeed: the global model, caught up to the round before the current one.
+    pub fedkseed: Option<&'a FedKSeedModel>,
+}
+
+/// Runs `task` as a device would, with its data and the plan's local seed.
+pub fn run_task(
+    models: &SharedModels<'_>,
+    blobs: &Blobs,
+    task: &Task,
+    local_seed: u64,
+    data: &TrainingData,
+) -> Result<LocalResult, LocalError> {
+    match task {
+        Task::FedKSeed { plan, batch_size } => {
+            let shared = models.fedkseed.ok_or_else(|| {
+                LocalError::Unsupported("a FedKSeed task in a run without a FedKSeed model".into())
+            })?;
+            // Tensors are shared until written: the clone costs nothing until the steps perturb
+            // it, and the catch-up inside `train` skips the rounds the shared model holds.
+            let mut model = shared.clone();
+            let (_, report, stats) = model.train(plan, *batch_size, local_seed, data)?;
+            Ok(LocalResult {
+                payload: ReportPayload::FedKSeed(report),
+                stats,
+                blob_down_bytes: 0,
+                blob_up_bytes: 0,
+                model_bytes: weight_bytes(model.model()),
+            })
+        }
+        Task::Lora(lora) => {
+            let blob = lora
+                .adapter
+                .ok_or_else(|| LocalError::Unsupported("a LoRA plan without an adapter".into()))?;
+            let bytes = blobs.read(&blob.digest)?;
+            let global = decode_adapter(&bytes)
+                .map_err(|e| TrainError::Adapter(e.to_string()))?;
+            let (weights, stats) = train_lora(models.base, lora, &global, data, local_seed)?;
+            let encoded = encode_adapter(&weights);
+            let uploaded = blobs.put(&encoded)?;
+            Ok(LocalResult {
+                payload: ReportPayload::Lora {
+                    adapter: uploaded,
+                    rank: weights.rank,
+                },
+                stats,
+                blob_down_bytes: bytes.len() as u64,
+                blob_up_bytes: encoded.len() as u64,
+                model_bytes: weight_bytes(models.base) + encoded.len() as u64,
+            })
+        }
+        _ => Err(LocalError::Unsupported(
+            "this harness does not know the plan's algorithm".into(),
+        )),
+    }
+}
+
+/// Bytes of a model's parameters as they sit in memory.
+pub fn weight_bytes(model: &Llama) -> u64 {
+    use burn::module::Module;
+    model.num_params() as u64 * 4
+}
