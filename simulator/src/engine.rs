@@ -149,6 +149,12 @@ impl Driver {
         Ok(())
     }
 
+    /// The daemon's checkpoint of the global state (FedKSeed: its history; LoRA: the adapter
+    /// in the adapter-blob format), byte for byte what the daemon would write.
+    pub fn checkpoint(&mut self) -> Vec<u8> {
+        self.algorithm().checkpoint()
+    }
+
     /// The global model for inference.
     pub fn global_model(&mut self, base: &Llama) -> Result<Llama, EngineError> {
         self.catch_up()?;

@@ -13,5 +13,6 @@ pub mod fleet;
 pub mod local;
 pub mod plot;
 pub mod population;
+pub mod quic;
 pub mod record;
 pub mod report;
