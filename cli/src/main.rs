@@ -3,12 +3,14 @@
 
 mod bench;
 mod bench_server;
+mod bench_simulate;
 mod fedkseed;
 mod fetch;
 mod lora;
 mod network;
 mod prune;
 mod role_clients;
+mod simulate;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -209,6 +211,11 @@ enum Command {
     /// sizes, compensation biases, tokenizer, pruning.json) and print held-out perplexity
     /// before and after.
     Prune(prune::PruneArgs),
+    /// A federated simulation on one machine: virtual devices of a modelled fleet, a real data
+    /// partition, one or more algorithms compared; writes metrics, plots and a report.
+    Simulate(simulate::SimulateArgs),
+    /// Compares finished simulation runs in a markdown table (and plots).
+    Report(simulate::ReportArgs),
     /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models folder.
     FetchModel {
         /// Target folder (default: $FEDTUNE_MODELS_DIR or ./models).
@@ -227,6 +234,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// The simulation harness at scale: N virtual devices (1,000 by default) on a tiny model
+    /// or SmolLM2; memory per idle device, peak memory and the harness's overhead per round.
+    Simulate(bench_simulate::BenchSimulateArgs),
     /// The daemon under load: N devices on N concurrent QUIC connections exchanging one
     /// FedKSeed round (K = 4096, τ = 200), in one process; a table per phase.
     Server {
@@ -459,6 +469,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench { which } => match which {
             BenchCommand::Server { devices, json } => bench_server::run(devices, json)?,
+            BenchCommand::Simulate(args) => bench_simulate::run(args)?,
             BenchCommand::Forward {
                 model,
                 seq_len,
@@ -680,6 +691,8 @@ fn main() -> anyhow::Result<()> {
             fedkseed::run(pretrained, &texts, &settings)?;
         }
         Command::Prune(args) => prune::run(args)?,
+        Command::Simulate(args) => simulate::run(args)?,
+        Command::Report(args) => simulate::report(args)?,
         Command::FetchModel { dir } => {
             let path = fetch::ensure_default_model(&dir.unwrap_or_else(fetch::models_dir))?;
             println!("{}", path.display());

@@ -155,6 +155,34 @@ impl Driver {
         self.algorithm().checkpoint()
     }
 
+    /// The global model a daemon's checkpoint holds (`None`: the starting model), for
+    /// evaluating a QUIC run with the same code as an in-process one.
+    pub fn model_from_checkpoint(
+        &mut self,
+        base: &Llama,
+        checkpoint: Option<&[u8]>,
+    ) -> Result<Llama, EngineError> {
+        let corrupt = |e: &dyn std::fmt::Display| EngineError::Invalid(format!("checkpoint: {e}"));
+        match (self, checkpoint) {
+            (driver, None) => driver.global_model(base),
+            (Self::FedKSeed { algorithm, model }, Some(bytes)) => {
+                *algorithm = FedKSeed::restore(bytes, 1, None).map_err(|e| corrupt(&e))?;
+                let plan = algorithm.server().plan(0);
+                let mut fresh = FedKSeedModel::new(model.base().clone());
+                fresh
+                    .catch_up(&plan.config, &plan.catch_up)
+                    .map_err(|e| corrupt(&e))?;
+                *model = fresh;
+                Ok(model.model().clone())
+            }
+            (Self::Lora(_), Some(bytes)) => {
+                let adapter = fedtune_shared::protocol::adapter_blob::decode_adapter(bytes)
+                    .map_err(|e| corrupt(&e))?;
+                attach_weights(base.valid(), &adapter, 0.0).map_err(|e| corrupt(&e))
+            }
+        }
+    }
+
     /// The global model for inference.
     pub fn global_model(&mut self, base: &Llama) -> Result<Llama, EngineError> {
         self.catch_up()?;
@@ -253,6 +281,7 @@ pub fn run_in_process(
         let mut round_time = 0.0f64;
         let mut dropped = 0usize;
         let mut bytes_up = 0u64;
+        let mut compute_s = 0.0f64;
         for attempt in attempts {
             let profile = profile(fleet, population, attempt.client);
             let Some(outcome) = attempt.outcome else {
@@ -269,6 +298,7 @@ pub fn run_in_process(
                 }
             };
             bytes_down += result.blob_down_bytes;
+            compute_s += result.stats.wall_s;
             if profile.memory_bytes.is_some_and(|m| result.model_bytes > m) {
                 dropped += 1;
                 continue;
@@ -310,9 +340,11 @@ pub fn run_in_process(
         };
         sim_time += round_time;
         total_bytes += bytes_up + bytes_down;
+        let eval_started = Instant::now();
         let evaluation = (round % policy.eval_every.max(1) == 0 || round == policy.rounds)
             .then(|| driver.global_model(base).map(|m| evaluator.evaluate(&m)))
             .transpose()?;
+        let eval_s = eval_started.elapsed().as_secs_f64();
         let record = RoundRecord {
             run: label.to_string(),
             algorithm: algorithm_name.to_string(),
@@ -329,6 +361,8 @@ pub fn run_in_process(
             bytes_down,
             total_bytes,
             host_wall_s: started.elapsed().as_secs_f64(),
+            compute_s,
+            eval_s,
             peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
         };
         tracing::info!(?record, "round simulated");

@@ -265,6 +265,8 @@ fn round_records(
                 bytes_down: down,
                 total_bytes: now_in + now_out,
                 host_wall_s: elapsed_s / n as f64,
+                compute_s: 0.0,
+                eval_s: 0.0,
                 peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
             }
         })

@@ -50,6 +50,13 @@ pub struct RoundRecord {
     pub total_bytes: u64,
     /// Real seconds the harness spent on the round on this machine.
     pub host_wall_s: f64,
+    /// Of those, seconds of device training measured on this machine, summed over devices
+    /// (more than `host_wall_s` when devices train concurrently).
+    #[serde(default)]
+    pub compute_s: f64,
+    /// Of those, seconds spent evaluating the global model.
+    #[serde(default)]
+    pub eval_s: f64,
     /// Peak resident memory of the harness process so far, where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
 }
