@@ -50,6 +50,7 @@ fn run(base: &Llama, algorithm: &AlgorithmConfig, fleet: &FleetSpec, rounds: u64
     let evaluator = Evaluator {
         heldout: population.heldout.clone(),
         pad_id: 0,
+        rouge: None,
     };
     let mut records = Vec::new();
     let initial = run_in_process(

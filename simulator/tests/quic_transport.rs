@@ -42,7 +42,7 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
         eval_every: ROUNDS,
         concurrency: 1,
     };
-    let evaluator = Evaluator { heldout: population.heldout.clone(), pad_id: 0 };
+    let evaluator = Evaluator { heldout: population.heldout.clone(), pad_id: 0, rouge: None };
     run_in_process("t", "t", &base, &mut driver, &blobs, &population, &fleet, &policy, &evaluator, |_| {}).unwrap();
 
     let quic = run_quic(
