@@ -28,7 +28,10 @@ fn natural_partition_reproduces_the_roles_of_a_play() {
     }
     let plays = play_names(&texts).unwrap();
     assert!(plays.len() >= 30, "{} plays", plays.len());
-    assert!(plays.iter().all(|p| !p.ends_with("_f")), "folio files left out");
+    assert!(
+        plays.iter().all(|p| !p.ends_with("_f")),
+        "folio files left out"
+    );
 
     let play = "romeo_and_juliet".to_string();
     let examples = load_corpus(&texts, Some(std::slice::from_ref(&play))).unwrap();
@@ -41,7 +44,10 @@ fn natural_partition_reproduces_the_roles_of_a_play() {
     assert_eq!(partition.names, expected);
     for (name, items) in partition.names.iter().zip(&partition.clients) {
         let role = name.strip_prefix("romeo_and_juliet/").unwrap();
-        let speeches: Vec<&str> = items.iter().map(|&i| examples[i].response.as_str()).collect();
+        let speeches: Vec<&str> = items
+            .iter()
+            .map(|&i| examples[i].response.as_str())
+            .collect();
         assert_eq!(speeches, roles[role], "{name}");
     }
     for role in ["Romeo", "Juliet", "Nurse", "Mercutio", "Friar", "Tybalt"] {
@@ -51,13 +57,21 @@ fn natural_partition_reproduces_the_roles_of_a_play() {
             partition.names
         );
     }
-    assert!(examples.iter().all(|e| e.label.as_deref() == Some("romeo_and_juliet")));
+    assert!(
+        examples
+            .iter()
+            .all(|e| e.label.as_deref() == Some("romeo_and_juliet"))
+    );
 
     let largest = partition.clone().keep_largest(3);
     assert_eq!(largest.names[0], "romeo_and_juliet/Romeo");
 
     let split = heldout_split(&partition.clients, 0.2, 1).unwrap();
-    let romeo = partition.names.iter().position(|n| n.ends_with("/Romeo")).unwrap();
+    let romeo = partition
+        .names
+        .iter()
+        .position(|n| n.ends_with("/Romeo"))
+        .unwrap();
     let romeo_speeches = partition.clients[romeo].len();
     assert_eq!(
         split.train[romeo].len(),
@@ -95,8 +109,20 @@ fn natural_partition_reproduces_the_roles_of_a_play() {
 /// Hugging Face `tokenizer.json`, small enough to count tokens by hand.
 fn word_tokenizer(dir: &Path) -> Tokenizer {
     let words = [
-        "[UNK]", "</s>", "###", "Instruction:", "Response:", "Context:", "name", "a", "colour",
-        "blue", "red", "green", "is", "nice",
+        "[UNK]",
+        "</s>",
+        "###",
+        "Instruction:",
+        "Response:",
+        "Context:",
+        "name",
+        "a",
+        "colour",
+        "blue",
+        "red",
+        "green",
+        "is",
+        "nice",
     ];
     let vocab: serde_json::Map<String, serde_json::Value> = words
         .iter()
@@ -141,10 +167,7 @@ fn tokenising_masks_the_prompt_and_caps_the_length() {
     assert_eq!(full.ids.len(), 11);
     assert_eq!(full.ids.last(), Some(&eos));
     assert_eq!(full.targets(), 4);
-    assert_eq!(
-        tokenizer.decode(&full.ids[7..10]).unwrap(),
-        "blue is nice"
-    );
+    assert_eq!(tokenizer.decode(&full.ids[7..10]).unwrap(), "blue is nice");
 
     // Capped at 6: the response keeps half (3 tokens: "blue is nice", EOS cut), the prompt
     // keeps its last 3 tokens ("colour ### Response:").

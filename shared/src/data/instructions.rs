@@ -182,7 +182,11 @@ mod tests {
         assert!(examples[1].prompt.contains("### Context:\nText.\n"));
         assert_eq!(examples[1].response, "Short.");
         assert_eq!(examples[2].label, None);
-        assert!(examples.iter().all(|e| e.key.is_none() && e.is_instruction()));
+        assert!(
+            examples
+                .iter()
+                .all(|e| e.key.is_none() && e.is_instruction())
+        );
     }
 
     #[test]
@@ -207,8 +211,14 @@ mod tests {
         let good = r#"{"instruction": "a", "response": "b"}"#;
         let cases = [
             (format!("{good}\n{{not json"), "line 2: not a JSON object"),
-            (format!("{good}\n{good}\n[1, 2]"), "line 3: not a JSON object: found an array"),
-            (r#"{"response": "b"}"#.to_string(), "line 1: field `instruction` is missing"),
+            (
+                format!("{good}\n{good}\n[1, 2]"),
+                "line 3: not a JSON object: found an array",
+            ),
+            (
+                r#"{"response": "b"}"#.to_string(),
+                "line 1: field `instruction` is missing",
+            ),
             (
                 r#"{"instruction": 3, "response": "b"}"#.to_string(),
                 "line 1: field `instruction` is not a string",

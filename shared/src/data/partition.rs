@@ -215,8 +215,8 @@ pub fn heldout_split(
     for items in clients {
         let mut items = items.clone();
         items.shuffle(&mut rng);
-        let held = ((items.len() as f64 * fraction).round() as usize)
-            .min(items.len().saturating_sub(1));
+        let held =
+            ((items.len() as f64 * fraction).round() as usize).min(items.len().saturating_sub(1));
         heldout.extend(items.drain(..held));
         items.sort_unstable();
         train.push(items);
@@ -246,7 +246,11 @@ pub fn mean_label_entropy<L: Ord>(parts: &[Vec<usize>], labels: &[L]) -> f64 {
             .sum::<f64>();
         counted += 1;
     }
-    if counted == 0 { 0.0 } else { total / counted as f64 }
+    if counted == 0 {
+        0.0
+    } else {
+        total / counted as f64
+    }
 }
 
 #[cfg(test)]
@@ -304,7 +308,10 @@ mod tests {
         eprintln!("mean label entropy (nats) at alpha 100, 1, 0.1: {entropies:?}");
         // ln 10 = 2.303 is no skew at all.
         assert!(entropies[0] > 2.1, "{entropies:?}");
-        assert!(entropies[0] > entropies[1] && entropies[1] > entropies[2], "{entropies:?}");
+        assert!(
+            entropies[0] > entropies[1] && entropies[1] > entropies[2],
+            "{entropies:?}"
+        );
         assert!(entropies[2] < 1.0, "{entropies:?}");
     }
 
@@ -327,7 +334,15 @@ mod tests {
 
     #[test]
     fn natural_groups_by_key() {
-        let keys = [Some("b"), Some("a"), None, Some("b"), Some("c"), Some("b"), Some("a")];
+        let keys = [
+            Some("b"),
+            Some("a"),
+            None,
+            Some("b"),
+            Some("c"),
+            Some("b"),
+            Some("a"),
+        ];
         let p = natural(keys, 2);
         assert_eq!(p.names, vec!["a", "b"]);
         assert_eq!(p.clients, vec![vec![1, 6], vec![0, 3, 5]]);

@@ -100,11 +100,24 @@ mod tests {
         let texts: Vec<&str> = examples.iter().map(|e| e.response.as_str()).collect();
         assert_eq!(
             texts,
-            vec!["First line", "second line.", "alpha beta", "gamma delta", "end"]
+            vec![
+                "First line",
+                "second line.",
+                "alpha beta",
+                "gamma delta",
+                "end"
+            ]
         );
-        assert!(examples.iter().all(|e| !e.is_instruction() && e.key.is_none()));
+        assert!(
+            examples
+                .iter()
+                .all(|e| !e.is_instruction() && e.key.is_none())
+        );
         // A window that fits keeps its newline.
-        assert_eq!(split_paragraphs(text, 100)[0].response, "First line\nsecond line.");
+        assert_eq!(
+            split_paragraphs(text, 100)[0].response,
+            "First line\nsecond line."
+        );
     }
 
     #[test]

@@ -130,7 +130,11 @@ pub fn mean_rouge_l_f<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -
         total += rouge_l(hypothesis, reference).map_or(0.0, |s| s.f);
         count += 1;
     }
-    if count == 0 { 0.0 } else { total / count as f64 }
+    if count == 0 {
+        0.0
+    } else {
+        total / count as f64
+    }
 }
 
 #[cfg(test)]
@@ -235,7 +239,10 @@ mod tests {
             let s = rouge_l(hyp, refr).unwrap();
             for (got, key) in [(s.f, "f"), (s.p, "p"), (s.r, "r")] {
                 let want = expected[key].as_f64().unwrap();
-                assert!(close(got, want), "{key}: {got} vs {want} for {hyp:?} / {refr:?}");
+                assert!(
+                    close(got, want),
+                    "{key}: {got} vs {want} for {hyp:?} / {refr:?}"
+                );
             }
         }
     }
