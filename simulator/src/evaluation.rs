@@ -1,8 +1,8 @@
 //! Evaluation of a run's global model on the held-out split: mean next-token loss (and so
 //! perplexity) on held-out examples; for instruction data, Rouge-L F of greedy answers.
 
-use fedtune_shared::eval::rouge::mean_rouge_l_f;
-use fedtune_shared::generate::{GenerationConfig, generate};
+use fedtune_shared::data::example::Example;
+use fedtune_shared::eval::generation_rouge::greedy_rouge_l;
 use fedtune_shared::lora::federation::heldout_loss;
 use fedtune_shared::lora::train::TrainExample;
 use fedtune_shared::model::Llama;
@@ -22,8 +22,10 @@ pub struct Evaluation {
 pub struct RougeSet {
     /// Encodes prompts and decodes answers.
     pub tokenizer: Tokenizer,
-    /// (rendered prompt, reference answer) pairs.
-    pub answers: Vec<(String, String)>,
+    /// Held-out instruction examples (prompt and reference response).
+    pub examples: Vec<Example>,
+    /// Longest prompt in tokens (its end is kept).
+    pub max_prompt_tokens: usize,
     /// Longest answer in tokens.
     pub max_new_tokens: usize,
 }
@@ -42,28 +44,24 @@ pub struct Evaluator {
 impl Evaluator {
     /// Scores `model` (an inference model).
     pub fn evaluate(&self, model: &Llama) -> Evaluation {
+        let rouge_l = self.rouge.as_ref().map(|set| {
+            match greedy_rouge_l(
+                model,
+                &set.tokenizer,
+                &set.examples,
+                set.max_prompt_tokens,
+                set.max_new_tokens,
+            ) {
+                Ok(scores) => scores.mean_f as f32,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Rouge-L evaluation failed");
+                    f32::NAN
+                }
+            }
+        });
         Evaluation {
             loss: heldout_loss(model, &self.heldout, self.pad_id),
-            rouge_l: self.rouge.as_ref().map(|set| rouge_of(model, set)),
+            rouge_l,
         }
     }
-}
-
-fn rouge_of(model: &Llama, set: &RougeSet) -> f32 {
-    let config = GenerationConfig {
-        max_new_tokens: set.max_new_tokens,
-        stop_ids: set.tokenizer.eos_id().into_iter().collect(),
-        ..GenerationConfig::default()
-    };
-    let answers: Vec<(String, &str)> = set
-        .answers
-        .iter()
-        .filter_map(|(prompt, reference)| {
-            let ids = set.tokenizer.encode(prompt).ok().filter(|ids| !ids.is_empty())?;
-            let generated = generate(model, &ids, &config, |_| {});
-            let text = set.tokenizer.decode(&generated.new_ids).unwrap_or_default();
-            Some((text, reference.as_str()))
-        })
-        .collect();
-    mean_rouge_l_f(answers.iter().map(|(h, r)| (h.as_str(), *r))) as f32
 }

@@ -31,8 +31,8 @@ pub struct Population {
     pub clients: Vec<VirtualClient>,
     /// Held-out examples for evaluation (never trained on).
     pub heldout: Vec<TrainExample>,
-    /// Held-out prompts and reference answers for Rouge-L (instruction data only).
-    pub heldout_answers: Vec<(String, String)>,
+    /// Held-out instructions for Rouge-L (instruction data only).
+    pub heldout_answers: Vec<fedtune_shared::data::example::Example>,
     /// Padding token of batches.
     pub pad_id: u32,
     /// Whether the examples are instructions (loss on responses only).

@@ -45,7 +45,7 @@ pub enum ReportError {
 
 /// The CSV columns, in order; the same names as [`RoundRecord`]'s fields.
 const CSV_HEADER: &str = "run,algorithm,round,clients,dropped,train_loss,heldout_loss,perplexity,\
-rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,peak_rss_bytes";
+rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,compute_s,eval_s,peak_rss_bytes";
 
 /// Writes a run folder as the run goes.
 #[derive(Debug)]
@@ -332,6 +332,8 @@ fn csv_row(r: &RoundRecord) -> String {
         r.bytes_down.to_string(),
         r.total_bytes.to_string(),
         r.host_wall_s.to_string(),
+        r.compute_s.to_string(),
+        r.eval_s.to_string(),
         r.peak_rss_bytes.map(|v| v.to_string()).unwrap_or_default(),
     ]
     .join(",")
@@ -391,6 +393,8 @@ mod tests {
                 bytes_down: clients as u64 * down,
                 total_bytes: total,
                 host_wall_s: 0.5,
+                compute_s: 0.4,
+                eval_s: 0.05,
                 peak_rss_bytes: Some(100 << 20),
             });
         }
@@ -428,7 +432,7 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0], CSV_HEADER);
-        assert_eq!(lines[0].split(',').count(), 16);
+        assert_eq!(lines[0].split(',').count(), 18);
         // The label is quoted; round 2 was not evaluated, so its loss cells are empty.
         assert!(
             lines[2].starts_with("\"a,\"\"b\"\"\",fedkseed,2,4,1,"),

@@ -170,7 +170,7 @@ pub fn build_population(
         .map(|&i| &examples[i])
         .filter(|e| e.is_instruction())
         .take(config.evaluation.rouge_examples)
-        .map(|e| (e.prompt.clone(), e.response.clone()))
+        .cloned()
         .collect();
     Ok(population)
 }
@@ -218,7 +218,8 @@ pub fn simulate(
         pad_id: population.pad_id,
         rouge: (!population.heldout_answers.is_empty()).then(|| RougeSet {
             tokenizer: model.tokenizer.clone(),
-            answers: population.heldout_answers.clone(),
+            examples: population.heldout_answers.clone(),
+            max_prompt_tokens: config.seq_len,
             max_new_tokens: config.evaluation.max_new_tokens,
         }),
     };

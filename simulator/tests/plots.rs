@@ -46,6 +46,8 @@ fn synthetic(label: &str, decay: f64, bytes: u64, round_s: f64) -> (Vec<RoundRec
             bytes_down: clients as u64 * bytes,
             total_bytes: round * clients as u64 * (bytes + bytes / 2),
             host_wall_s: 0.1,
+            compute_s: 0.08,
+            eval_s: 0.01,
             peak_rss_bytes: Some(300 << 20),
         });
     }
