@@ -298,7 +298,7 @@ pub fn run_in_process(
                 }
             };
             bytes_down += result.blob_down_bytes;
-            compute_s += result.stats.wall_s;
+            compute_s += result.device_s;
             if profile.memory_bytes.is_some_and(|m| result.model_bytes > m) {
                 dropped += 1;
                 continue;
@@ -313,7 +313,12 @@ pub fn run_in_process(
                 .map_err(|e| EngineError::Encode(e.to_string()))?
                 .len() as u64;
             let up = frame_len + result.blob_up_bytes;
-            let time = round_time_s(profile, result.stats.wall_s, attempt.down_bytes + result.blob_down_bytes, up);
+            let time = round_time_s(
+                profile,
+                result.device_s,
+                attempt.down_bytes + result.blob_down_bytes,
+                up,
+            );
             if policy.deadline_s.is_some_and(|d| time > d) {
                 dropped += 1;
                 bytes_up += up;

@@ -22,6 +22,9 @@ pub struct LocalResult {
     /// Bytes of weights and adapters the device held while training (the memory a profile's
     /// limit is checked against).
     pub model_bytes: u64,
+    /// Seconds of the whole local round on this machine: training and everything around it
+    /// (LoRA's probe losses for the bandit, adapter encoding), which a real device also does.
+    pub device_s: f64,
 }
 
 /// Why a device's round failed.
@@ -55,6 +58,19 @@ pub fn run_task(
     local_seed: u64,
     data: &TrainingData,
 ) -> Result<LocalResult, LocalError> {
+    let started = std::time::Instant::now();
+    let mut result = run(models, blobs, task, local_seed, data)?;
+    result.device_s = started.elapsed().as_secs_f64();
+    Ok(result)
+}
+
+fn run(
+    models: &SharedModels<'_>,
+    blobs: &Blobs,
+    task: &Task,
+    local_seed: u64,
+    data: &TrainingData,
+) -> Result<LocalResult, LocalError> {
     match task {
         Task::FedKSeed { plan, batch_size } => {
             let shared = models.fedkseed.ok_or_else(|| {
@@ -70,6 +86,7 @@ pub fn run_task(
                 blob_down_bytes: 0,
                 blob_up_bytes: 0,
                 model_bytes: weight_bytes(model.model()),
+                device_s: 0.0,
             })
         }
         Task::Lora(lora) => {
@@ -91,6 +108,7 @@ pub fn run_task(
                 blob_down_bytes: bytes.len() as u64,
                 blob_up_bytes: encoded.len() as u64,
                 model_bytes: weight_bytes(models.base) + encoded.len() as u64,
+                device_s: 0.0,
             })
         }
         _ => Err(LocalError::Unsupported(
