@@ -48,7 +48,9 @@ fn gpu() -> Result<Device, FedtuneError> {
 }
 
 /// The device for `preference` and its name for the server (`cpu` or `wgpu`).
-pub(crate) fn device(preference: BackendPreference) -> Result<(Device, &'static str), FedtuneError> {
+pub(crate) fn device(
+    preference: BackendPreference,
+) -> Result<(Device, &'static str), FedtuneError> {
     match preference {
         BackendPreference::Cpu => Ok((Device::flex(), "cpu")),
         BackendPreference::Gpu => Ok((gpu()?, "wgpu")),

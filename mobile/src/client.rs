@@ -91,7 +91,7 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 /// the policy allows, and sends model updates (never the examples) to the pinned server.
 ///
 /// Every method returns at once (the UI thread never waits on the network or on training);
-/// results and progress arrive through the [`ProgressListener`] given at creation.
+/// results and progress arrive through the `ProgressListener` given at creation.
 #[derive(uniffi::Object)]
 pub struct FedtuneClient {
     shared: Arc<Mutex<Shared>>,
@@ -103,11 +103,11 @@ pub struct FedtuneClient {
 impl FedtuneClient {
     /// Checks the settings, opens the example store and starts the background thread. The
     /// model is loaded there, on the first `enroll` or `start` (a
-    /// [`ProgressEvent::ModelLoaded`] follows).
+    /// `ProgressEvent::ModelLoaded` follows).
     ///
-    /// Throws [`FedtuneError::InvalidConfig`] for an address, certificate or key that does
-    /// not parse, [`FedtuneError::Model`] for a model path that does not exist and
-    /// [`FedtuneError::Storage`] for a data folder that cannot be created.
+    /// Throws `FedtuneError::InvalidConfig` for an address, certificate or key that does
+    /// not parse, `FedtuneError::Model` for a model path that does not exist and
+    /// `FedtuneError::Storage` for a data folder that cannot be created.
     #[uniffi::constructor]
     pub fn new(
         settings: ClientSettings,
@@ -143,20 +143,20 @@ impl FedtuneClient {
     }
 
     /// Enrolls the device with the settings' token (once: an enrolled device just reports
-    /// [`ProgressEvent::Enrolled`] again). The outcome arrives as that event or through
-    /// [`ProgressListener::on_error`] ([`FedtuneError::Refused`] for a bad token,
-    /// [`FedtuneError::Network`] for an unreachable server).
+    /// `ProgressEvent::Enrolled` again). The outcome arrives as that event or through
+    /// `ProgressListener::on_error` (`FedtuneError::Refused` for a bad token,
+    /// `FedtuneError::Network` for an unreachable server).
     pub fn enroll(&self) -> Result<(), FedtuneError> {
         self.send(Command::Enroll)
     }
 
     /// Starts training (or resumes after `pause` or `stop`). Training runs only while the
     /// policy allows it under the conditions last given to
-    /// [`set_conditions`](Self::set_conditions); otherwise [`ProgressEvent::Deferred`] says
+    /// `set_conditions`; otherwise `ProgressEvent::Deferred` says
     /// why and the SDK waits.
     ///
-    /// Throws [`FedtuneError::NoTrainingData`] when the example store is empty;
-    /// [`FedtuneError::NotEnrolled`] arrives through the listener when `enroll` has not
+    /// Throws `FedtuneError::NoTrainingData` when the example store is empty;
+    /// `FedtuneError::NotEnrolled` arrives through the listener when `enroll` has not
     /// succeeded.
     pub fn start(&self) -> Result<(), FedtuneError> {
         if lock_store(&self.store).count() == 0 {
@@ -179,7 +179,7 @@ impl FedtuneClient {
     }
 
     /// Stops at the next safe point (state stays on disk; `start` continues where it left).
-    /// [`ProgressEvent::Stopped`] follows.
+    /// `ProgressEvent::Stopped` follows.
     pub fn stop(&self) -> Result<(), FedtuneError> {
         self.order(Control::Stop)
     }
@@ -237,7 +237,7 @@ impl FedtuneClient {
         lock(&self.shared).device_id.clone()
     }
 
-    /// Whether the background thread has ended after [`shutdown`](Self::shutdown) (and
+    /// Whether the background thread has ended after `shutdown` (and
     /// released the listener). Apps need not wait for it; a host about to exit its process
     /// (a script) should, so the SDK never calls into it while it tears down.
     pub fn is_shut_down(&self) -> bool {
@@ -245,7 +245,7 @@ impl FedtuneClient {
     }
 
     /// Stops any run and ends the background thread at its next safe point (a training step
-    /// in progress finishes first); every later call throws [`FedtuneError::Closed`].
+    /// in progress finishes first); every later call throws `FedtuneError::Closed`.
     /// Returns at once; dropping the client does the same.
     pub fn shutdown(&self) {
         let mut shared = lock(&self.shared);
@@ -289,7 +289,9 @@ impl Drop for FedtuneClient {
 fn lock_store(store: &Mutex<ExampleStore>) -> MutexGuard<'_, ExampleStore> {
     // Plain data: the count is re-read from disk only on open, so a poisoned lock (a panic in
     // a write) at worst under-counts until the next open.
-    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    store
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn apply(handle: &ClientHandle, control: Control) {
@@ -374,8 +376,8 @@ impl Worker {
             reason: format!("{}: {e}", settings.model_path.display()),
         };
         let (device, backend) = backend::device(settings.backend)?;
-        let pretrained =
-            Pretrained::open(&settings.model_path, &device, |_, _| {}).map_err(|e| model_error(&e))?;
+        let pretrained = Pretrained::open(&settings.model_path, &device, |_, _| {})
+            .map_err(|e| model_error(&e))?;
         let base_model = model_digest(&settings.model_path).map_err(|e| model_error(&e))?;
         let reporter = self.reporter.clone();
         let config = ClientConfig {

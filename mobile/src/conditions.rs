@@ -9,7 +9,7 @@ use fedtune_client::policy;
 /// The device's state as the app sees it (Android's `BatteryManager`, `ConnectivityManager`,
 /// `PowerManager.getCurrentThermalStatus`; iOS's `UIDevice` battery state, `NWPathMonitor`,
 /// `ProcessInfo.thermalState`). Send a new value with
-/// [`FedtuneClient::set_conditions`](crate::FedtuneClient::set_conditions) whenever one of them
+/// `FedtuneClient::set_conditions` whenever one of them
 /// changes.
 #[derive(Debug, Clone, Copy, PartialEq, uniffi::Record)]
 pub struct DeviceConditions {
@@ -63,7 +63,7 @@ impl From<ThermalState> for policy::ThermalState {
 }
 
 /// When the SDK may train. Until the app sends conditions, the SDK assumes the device is
-/// unplugged on a metered network (it trains only under [`TrainingPolicy::Always`]).
+/// unplugged on a metered network (it trains only under `TrainingPolicy::Always`).
 #[derive(Debug, Clone, Copy, PartialEq, uniffi::Enum)]
 pub enum TrainingPolicy {
     /// The usual mobile policy: charging, on an unmetered network, idle, not hot, and the

@@ -6,7 +6,7 @@ use fedtune_client::ClientError;
 /// Why an SDK call (or the background work it started) failed.
 ///
 /// Calls that can be checked at once throw it; failures of background work (enrollment, a
-/// training run) arrive through [`ProgressListener::on_error`](crate::ProgressListener::on_error).
+/// training run) arrive through `ProgressListener::on_error`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error, uniffi::Error)]
 pub enum FedtuneError {
     /// A setting is unusable (an address that does not parse, a malformed certificate or key,

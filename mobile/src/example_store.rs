@@ -4,7 +4,7 @@
 //! reading).
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use fedtune_client::trainer::TrainingData;
@@ -66,9 +66,21 @@ impl ExampleStore {
         line.push('\n');
         let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)
             .map_err(storage)?;
+        // After a torn write the file ends mid-line: start a fresh line so this example is not
+        // glued to the fragment (which reading skips).
+        let len = file.metadata().map_err(storage)?.len();
+        if len > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::Start(len - 1)).map_err(storage)?;
+            file.read_exact(&mut last).map_err(storage)?;
+            if last[0] != b'\n' {
+                line.insert(0, '\n');
+            }
+        }
         file.write_all(line.as_bytes()).map_err(storage)?;
         file.sync_data().map_err(storage)?;
         self.count += 1;
@@ -199,7 +211,16 @@ mod tests {
         let examples = read_examples(&path).unwrap();
         assert_eq!(examples.len(), 2);
         assert_eq!(examples[1], instruction);
-        assert_eq!(ExampleStore::open(dir.path()).unwrap().count(), 2);
+        let mut reopened = ExampleStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.count(), 2);
+        // The next example starts on a line of its own.
+        let after = StoredExample::Text {
+            text: "after the tear".into(),
+        };
+        assert_eq!(reopened.add(&after).unwrap(), 3);
+        let examples = read_examples(&path).unwrap();
+        assert_eq!(examples.len(), 3);
+        assert_eq!(examples[2], after);
         store.clear().unwrap();
         assert_eq!(ExampleStore::open(dir.path()).unwrap().count(), 0);
     }

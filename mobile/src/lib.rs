@@ -15,6 +15,9 @@
 //! - `example_store` — the on-device examples (never uploaded);
 //! - `backend` — CPU or GPU, with the graphics API named per platform (Metal on iOS);
 //! - [`error`] — the typed errors apps catch.
+//!
+//! Doc comments on exported items use plain backticks, no rustdoc links: UniFFI copies them
+//! into the Kotlin, Swift and Python sources.
 
 #![warn(missing_docs, unreachable_pub)]
 // No `forbid(unsafe_code)`: UniFFI's scaffolding is `extern "C"` functions the macros write.

@@ -132,7 +132,7 @@ pub enum ClientState {
     Stopped,
     /// The server's run is over.
     Finished,
-    /// Background work failed; the error went to [`ProgressListener::on_error`].
+    /// Background work failed; the error went to `ProgressListener::on_error`.
     Failed,
 }
 

@@ -10,7 +10,7 @@ use crate::conditions::TrainingPolicy;
 use crate::error::FedtuneError;
 
 /// What a device must know to trust a server: the operator hands it out (the daemon writes it
-/// as `server-identity.json`; [`parse_server_identity`] reads that file's text).
+/// as `server-identity.json`; `parse_server_identity` reads that file's text).
 #[derive(Debug, Clone, PartialEq, uniffi::Record)]
 pub struct ServerIdentity {
     /// Where the server listens, `IP:port` (for example `203.0.113.7:4433` or `[::1]:4433`).
@@ -28,7 +28,7 @@ pub enum BackendPreference {
     Cpu,
     /// The GPU through wgpu: Vulkan on Android, Metal on iOS (chosen explicitly, see
     /// `mobile/README.md`). Creating the client's model fails with
-    /// [`FedtuneError::Model`] where no GPU adapter exists.
+    /// `FedtuneError::Model` where no GPU adapter exists.
     Gpu,
     /// The GPU when one starts, otherwise the CPU.
     Automatic,

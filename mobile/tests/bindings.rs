@@ -151,11 +151,14 @@ async fn python_app_enrolls_trains_pauses_and_stops_against_a_real_server() {
 
 /// `kotlinc` and the JNA jar, or why the Kotlin test cannot run.
 fn kotlin_tools() -> Result<(PathBuf, PathBuf), String> {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let kotlinc = std::env::var_os("KOTLINC")
         .map(PathBuf::from)
         .or_else(|| {
-            let installed = home.join(".cache/fedtune/kotlin/node_modules/kotlin-compiler/bin/kotlinc");
+            let installed =
+                home.join(".cache/fedtune/kotlin/node_modules/kotlin-compiler/bin/kotlinc");
             installed.exists().then_some(installed)
         })
         .or_else(|| {
@@ -171,7 +174,10 @@ fn kotlin_tools() -> Result<(PathBuf, PathBuf), String> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/share/java/jna.jar"));
     if !jna.exists() {
-        return Err(format!("no JNA at {} (Debian's libjna-java)", jna.display()));
+        return Err(format!(
+            "no JNA at {} (Debian's libjna-java)",
+            jna.display()
+        ));
     }
     Ok((kotlinc, jna))
 }

@@ -594,7 +594,7 @@ fileprivate struct FfiConverterString: FfiConverter {
  * the policy allows, and sends model updates (never the examples) to the pinned server.
  *
  * Every method returns at once (the UI thread never waits on the network or on training);
- * results and progress arrive through the [`ProgressListener`] given at creation.
+ * results and progress arrive through the `ProgressListener` given at creation.
  */
 public protocol FedtuneClientProtocol: AnyObject, Sendable {
     
@@ -623,9 +623,9 @@ public protocol FedtuneClientProtocol: AnyObject, Sendable {
     
     /**
      * Enrolls the device with the settings' token (once: an enrolled device just reports
-     * [`ProgressEvent::Enrolled`] again). The outcome arrives as that event or through
-     * [`ProgressListener::on_error`] ([`FedtuneError::Refused`] for a bad token,
-     * [`FedtuneError::Network`] for an unreachable server).
+     * `ProgressEvent::Enrolled` again). The outcome arrives as that event or through
+     * `ProgressListener::on_error` (`FedtuneError::Refused` for a bad token,
+     * `FedtuneError::Network` for an unreachable server).
      */
     func enroll() throws 
     
@@ -635,7 +635,7 @@ public protocol FedtuneClientProtocol: AnyObject, Sendable {
     func exampleCount()  -> UInt64
     
     /**
-     * Whether the background thread has ended after [`shutdown`](Self::shutdown) (and
+     * Whether the background thread has ended after `shutdown` (and
      * released the listener). Apps need not wait for it; a host about to exit its process
      * (a script) should, so the SDK never calls into it while it tears down.
      */
@@ -654,7 +654,7 @@ public protocol FedtuneClientProtocol: AnyObject, Sendable {
     
     /**
      * Stops any run and ends the background thread at its next safe point (a training step
-     * in progress finishes first); every later call throws [`FedtuneError::Closed`].
+     * in progress finishes first); every later call throws `FedtuneError::Closed`.
      * Returns at once; dropping the client does the same.
      */
     func shutdown() 
@@ -662,11 +662,11 @@ public protocol FedtuneClientProtocol: AnyObject, Sendable {
     /**
      * Starts training (or resumes after `pause` or `stop`). Training runs only while the
      * policy allows it under the conditions last given to
-     * [`set_conditions`](Self::set_conditions); otherwise [`ProgressEvent::Deferred`] says
+     * `set_conditions`; otherwise `ProgressEvent::Deferred` says
      * why and the SDK waits.
      *
-     * Throws [`FedtuneError::NoTrainingData`] when the example store is empty;
-     * [`FedtuneError::NotEnrolled`] arrives through the listener when `enroll` has not
+     * Throws `FedtuneError::NoTrainingData` when the example store is empty;
+     * `FedtuneError::NotEnrolled` arrives through the listener when `enroll` has not
      * succeeded.
      */
     func start() throws 
@@ -678,7 +678,7 @@ public protocol FedtuneClientProtocol: AnyObject, Sendable {
     
     /**
      * Stops at the next safe point (state stays on disk; `start` continues where it left).
-     * [`ProgressEvent::Stopped`] follows.
+     * `ProgressEvent::Stopped` follows.
      */
     func stop() throws 
     
@@ -688,7 +688,7 @@ public protocol FedtuneClientProtocol: AnyObject, Sendable {
  * the policy allows, and sends model updates (never the examples) to the pinned server.
  *
  * Every method returns at once (the UI thread never waits on the network or on training);
- * results and progress arrive through the [`ProgressListener`] given at creation.
+ * results and progress arrive through the `ProgressListener` given at creation.
  */
 open class FedtuneClient: FedtuneClientProtocol, @unchecked Sendable {
     fileprivate let handle: UInt64
@@ -732,11 +732,11 @@ open class FedtuneClient: FedtuneClientProtocol, @unchecked Sendable {
     /**
      * Checks the settings, opens the example store and starts the background thread. The
      * model is loaded there, on the first `enroll` or `start` (a
-     * [`ProgressEvent::ModelLoaded`] follows).
+     * `ProgressEvent::ModelLoaded` follows).
      *
-     * Throws [`FedtuneError::InvalidConfig`] for an address, certificate or key that does
-     * not parse, [`FedtuneError::Model`] for a model path that does not exist and
-     * [`FedtuneError::Storage`] for a data folder that cannot be created.
+     * Throws `FedtuneError::InvalidConfig` for an address, certificate or key that does
+     * not parse, `FedtuneError::Model` for a model path that does not exist and
+     * `FedtuneError::Storage` for a data folder that cannot be created.
      */
 public convenience init(settings: ClientSettings, listener: ProgressListener)throws  {
     let handle =
@@ -817,9 +817,9 @@ open func deviceId() -> String?  {
     
     /**
      * Enrolls the device with the settings' token (once: an enrolled device just reports
-     * [`ProgressEvent::Enrolled`] again). The outcome arrives as that event or through
-     * [`ProgressListener::on_error`] ([`FedtuneError::Refused`] for a bad token,
-     * [`FedtuneError::Network`] for an unreachable server).
+     * `ProgressEvent::Enrolled` again). The outcome arrives as that event or through
+     * `ProgressListener::on_error` (`FedtuneError::Refused` for a bad token,
+     * `FedtuneError::Network` for an unreachable server).
      */
 open func enroll()throws   {try rustCallWithError(FfiConverterTypeFedtuneError_lift) {
         uniffiCallStatus in
@@ -842,7 +842,7 @@ open func exampleCount() -> UInt64  {
 }
     
     /**
-     * Whether the background thread has ended after [`shutdown`](Self::shutdown) (and
+     * Whether the background thread has ended after `shutdown` (and
      * released the listener). Apps need not wait for it; a host about to exit its process
      * (a script) should, so the SDK never calls into it while it tears down.
      */
@@ -881,7 +881,7 @@ open func setConditions(conditions: DeviceConditions)throws   {try rustCallWithE
     
     /**
      * Stops any run and ends the background thread at its next safe point (a training step
-     * in progress finishes first); every later call throws [`FedtuneError::Closed`].
+     * in progress finishes first); every later call throws `FedtuneError::Closed`.
      * Returns at once; dropping the client does the same.
      */
 open func shutdown()  {try! rustCall() {
@@ -895,11 +895,11 @@ open func shutdown()  {try! rustCall() {
     /**
      * Starts training (or resumes after `pause` or `stop`). Training runs only while the
      * policy allows it under the conditions last given to
-     * [`set_conditions`](Self::set_conditions); otherwise [`ProgressEvent::Deferred`] says
+     * `set_conditions`; otherwise `ProgressEvent::Deferred` says
      * why and the SDK waits.
      *
-     * Throws [`FedtuneError::NoTrainingData`] when the example store is empty;
-     * [`FedtuneError::NotEnrolled`] arrives through the listener when `enroll` has not
+     * Throws `FedtuneError::NoTrainingData` when the example store is empty;
+     * `FedtuneError::NotEnrolled` arrives through the listener when `enroll` has not
      * succeeded.
      */
 open func start()throws   {try rustCallWithError(FfiConverterTypeFedtuneError_lift) {
@@ -924,7 +924,7 @@ open func state() -> ClientState  {
     
     /**
      * Stops at the next safe point (state stays on disk; `start` continues where it left).
-     * [`ProgressEvent::Stopped`] follows.
+     * `ProgressEvent::Stopped` follows.
      */
 open func stop()throws   {try rustCallWithError(FfiConverterTypeFedtuneError_lift) {
         uniffiCallStatus in
@@ -1111,7 +1111,7 @@ public func FfiConverterTypeClientSettings_lower(_ value: ClientSettings) -> Rus
  * The device's state as the app sees it (Android's `BatteryManager`, `ConnectivityManager`,
  * `PowerManager.getCurrentThermalStatus`; iOS's `UIDevice` battery state, `NWPathMonitor`,
  * `ProcessInfo.thermalState`). Send a new value with
- * [`FedtuneClient::set_conditions`](crate::FedtuneClient::set_conditions) whenever one of them
+ * `FedtuneClient::set_conditions` whenever one of them
  * changes.
  */
 public struct DeviceConditions: Equatable, Hashable {
@@ -1214,7 +1214,7 @@ public func FfiConverterTypeDeviceConditions_lower(_ value: DeviceConditions) ->
 
 /**
  * What a device must know to trust a server: the operator hands it out (the daemon writes it
- * as `server-identity.json`; [`parse_server_identity`] reads that file's text).
+ * as `server-identity.json`; `parse_server_identity` reads that file's text).
  */
 public struct ServerIdentity: Equatable, Hashable {
     /**
@@ -1305,7 +1305,7 @@ public enum BackendPreference: Equatable, Hashable {
     /**
      * The GPU through wgpu: Vulkan on Android, Metal on iOS (chosen explicitly, see
      * `mobile/README.md`). Creating the client's model fails with
-     * [`FedtuneError::Model`] where no GPU adapter exists.
+     * `FedtuneError::Model` where no GPU adapter exists.
      */
     case gpu
     /**
@@ -1418,7 +1418,7 @@ public enum ClientState: Equatable, Hashable {
      */
     case finished
     /**
-     * Background work failed; the error went to [`ProgressListener::on_error`].
+     * Background work failed; the error went to `ProgressListener::on_error`.
      */
     case failed
 
@@ -1528,7 +1528,7 @@ public func FfiConverterTypeClientState_lower(_ value: ClientState) -> RustBuffe
  * Why an SDK call (or the background work it started) failed.
  *
  * Calls that can be checked at once throw it; failures of background work (enrollment, a
- * training run) arrive through [`ProgressListener::on_error`](crate::ProgressListener::on_error).
+ * training run) arrive through `ProgressListener::on_error`.
  */
 public 
 enum FedtuneError: Swift.Error, Equatable, Hashable, Foundation.LocalizedError {
@@ -2092,7 +2092,7 @@ public func FfiConverterTypeThermalState_lower(_ value: ThermalState) -> RustBuf
 
 /**
  * When the SDK may train. Until the app sends conditions, the SDK assumes the device is
- * unplugged on a metered network (it trains only under [`TrainingPolicy::Always`]).
+ * unplugged on a metered network (it trains only under `TrainingPolicy::Always`).
  */
 
 public enum TrainingPolicy: Equatable, Hashable {
@@ -2410,13 +2410,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_device_id() != 22276) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_enroll() != 10043) {
+    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_enroll() != 56157) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_example_count() != 51236) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_is_shut_down() != 6898) {
+    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_is_shut_down() != 53454) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_pause() != 41105) {
@@ -2425,19 +2425,19 @@ private let initializationResult: InitializationResult = {
     if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_set_conditions() != 17744) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_shutdown() != 29019) {
+    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_shutdown() != 17917) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_start() != 63843) {
+    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_start() != 62132) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_state() != 9722) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_stop() != 624) {
+    if (uniffi_fedtune_mobile_checksum_method_fedtuneclient_stop() != 2235) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fedtune_mobile_checksum_constructor_fedtuneclient_new() != 16248) {
+    if (uniffi_fedtune_mobile_checksum_constructor_fedtuneclient_new() != 27590) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_fedtune_mobile_checksum_method_progresslistener_on_event() != 32316) {

@@ -66,6 +66,12 @@ fun main(args: Array<String>) {
     val enrolled = listener.waitFor(ProgressEvent.Enrolled::class.java)
     verify(client.deviceId() == enrolled.deviceId) { "device id ${client.deviceId()}" }
     client.shutdown()
+    // Wait for the SDK's thread to release the listener before the JVM exits.
+    val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(60)
+    while (!client.isShutDown()) {
+        verify(System.nanoTime() < deadline) { "the SDK thread never ended" }
+        Thread.sleep(10)
+    }
     try {
         client.enroll()
         throw AssertionError("a closed client enrolled")

@@ -928,13 +928,13 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_device_id() and 0xFFFF) != 22276) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_enroll() and 0xFFFF) != 10043) {
+    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_enroll() and 0xFFFF) != 56157) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_example_count() and 0xFFFF) != 51236) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_is_shut_down() and 0xFFFF) != 6898) {
+    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_is_shut_down() and 0xFFFF) != 53454) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_pause() and 0xFFFF) != 41105) {
@@ -943,19 +943,19 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_set_conditions() and 0xFFFF) != 17744) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_shutdown() and 0xFFFF) != 29019) {
+    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_shutdown() and 0xFFFF) != 17917) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_start() and 0xFFFF) != 63843) {
+    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_start() and 0xFFFF) != 62132) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_state() and 0xFFFF) != 9722) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_stop() and 0xFFFF) != 624) {
+    if ((lib.uniffi_fedtune_mobile_checksum_method_fedtuneclient_stop() and 0xFFFF) != 2235) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_fedtune_mobile_checksum_constructor_fedtuneclient_new() and 0xFFFF) != 16248) {
+    if ((lib.uniffi_fedtune_mobile_checksum_constructor_fedtuneclient_new() and 0xFFFF) != 27590) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_fedtune_mobile_checksum_method_progresslistener_on_event() and 0xFFFF) != 32316) {
@@ -1402,7 +1402,7 @@ public object FfiConverterString: FfiConverter<String, RustBuffer.ByValue> {
  * the policy allows, and sends model updates (never the examples) to the pinned server.
  *
  * Every method returns at once (the UI thread never waits on the network or on training);
- * results and progress arrive through the [`ProgressListener`] given at creation.
+ * results and progress arrive through the `ProgressListener` given at creation.
  */
 public interface FedtuneClientInterface {
     
@@ -1431,9 +1431,9 @@ public interface FedtuneClientInterface {
     
     /**
      * Enrolls the device with the settings' token (once: an enrolled device just reports
-     * [`ProgressEvent::Enrolled`] again). The outcome arrives as that event or through
-     * [`ProgressListener::on_error`] ([`FedtuneError::Refused`] for a bad token,
-     * [`FedtuneError::Network`] for an unreachable server).
+     * `ProgressEvent::Enrolled` again). The outcome arrives as that event or through
+     * `ProgressListener::on_error` (`FedtuneError::Refused` for a bad token,
+     * `FedtuneError::Network` for an unreachable server).
      */
     fun `enroll`()
     
@@ -1443,7 +1443,7 @@ public interface FedtuneClientInterface {
     fun `exampleCount`(): kotlin.ULong
     
     /**
-     * Whether the background thread has ended after [`shutdown`](Self::shutdown) (and
+     * Whether the background thread has ended after `shutdown` (and
      * released the listener). Apps need not wait for it; a host about to exit its process
      * (a script) should, so the SDK never calls into it while it tears down.
      */
@@ -1462,7 +1462,7 @@ public interface FedtuneClientInterface {
     
     /**
      * Stops any run and ends the background thread at its next safe point (a training step
-     * in progress finishes first); every later call throws [`FedtuneError::Closed`].
+     * in progress finishes first); every later call throws `FedtuneError::Closed`.
      * Returns at once; dropping the client does the same.
      */
     fun `shutdown`()
@@ -1470,11 +1470,11 @@ public interface FedtuneClientInterface {
     /**
      * Starts training (or resumes after `pause` or `stop`). Training runs only while the
      * policy allows it under the conditions last given to
-     * [`set_conditions`](Self::set_conditions); otherwise [`ProgressEvent::Deferred`] says
+     * `set_conditions`; otherwise `ProgressEvent::Deferred` says
      * why and the SDK waits.
      *
-     * Throws [`FedtuneError::NoTrainingData`] when the example store is empty;
-     * [`FedtuneError::NotEnrolled`] arrives through the listener when `enroll` has not
+     * Throws `FedtuneError::NoTrainingData` when the example store is empty;
+     * `FedtuneError::NotEnrolled` arrives through the listener when `enroll` has not
      * succeeded.
      */
     fun `start`()
@@ -1486,7 +1486,7 @@ public interface FedtuneClientInterface {
     
     /**
      * Stops at the next safe point (state stays on disk; `start` continues where it left).
-     * [`ProgressEvent::Stopped`] follows.
+     * `ProgressEvent::Stopped` follows.
      */
     fun `stop`()
     
@@ -1498,7 +1498,7 @@ public interface FedtuneClientInterface {
  * the policy allows, and sends model updates (never the examples) to the pinned server.
  *
  * Every method returns at once (the UI thread never waits on the network or on training);
- * results and progress arrive through the [`ProgressListener`] given at creation.
+ * results and progress arrive through the `ProgressListener` given at creation.
  */
 open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
 {
@@ -1527,11 +1527,11 @@ open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
     /**
      * Checks the settings, opens the example store and starts the background thread. The
      * model is loaded there, on the first `enroll` or `start` (a
-     * [`ProgressEvent::ModelLoaded`] follows).
+     * `ProgressEvent::ModelLoaded` follows).
      *
-     * Throws [`FedtuneError::InvalidConfig`] for an address, certificate or key that does
-     * not parse, [`FedtuneError::Model`] for a model path that does not exist and
-     * [`FedtuneError::Storage`] for a data folder that cannot be created.
+     * Throws `FedtuneError::InvalidConfig` for an address, certificate or key that does
+     * not parse, `FedtuneError::Model` for a model path that does not exist and
+     * `FedtuneError::Storage` for a data folder that cannot be created.
      */
     constructor(`settings`: ClientSettings, `listener`: ProgressListener) :
         this(UniffiWithHandle, 
@@ -1695,9 +1695,9 @@ open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
     
     /**
      * Enrolls the device with the settings' token (once: an enrolled device just reports
-     * [`ProgressEvent::Enrolled`] again). The outcome arrives as that event or through
-     * [`ProgressListener::on_error`] ([`FedtuneError::Refused`] for a bad token,
-     * [`FedtuneError::Network`] for an unreachable server).
+     * `ProgressEvent::Enrolled` again). The outcome arrives as that event or through
+     * `ProgressListener::on_error` (`FedtuneError::Refused` for a bad token,
+     * `FedtuneError::Network` for an unreachable server).
      */
     @Throws(FedtuneException::class)override fun `enroll`()
         = 
@@ -1729,7 +1729,7 @@ open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
 
     
     /**
-     * Whether the background thread has ended after [`shutdown`](Self::shutdown) (and
+     * Whether the background thread has ended after `shutdown` (and
      * released the listener). Apps need not wait for it; a host about to exit its process
      * (a script) should, so the SDK never calls into it while it tears down.
      */override fun `isShutDown`(): kotlin.Boolean {
@@ -1782,7 +1782,7 @@ open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
     
     /**
      * Stops any run and ends the background thread at its next safe point (a training step
-     * in progress finishes first); every later call throws [`FedtuneError::Closed`].
+     * in progress finishes first); every later call throws `FedtuneError::Closed`.
      * Returns at once; dropping the client does the same.
      */override fun `shutdown`()
         = 
@@ -1800,11 +1800,11 @@ open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
     /**
      * Starts training (or resumes after `pause` or `stop`). Training runs only while the
      * policy allows it under the conditions last given to
-     * [`set_conditions`](Self::set_conditions); otherwise [`ProgressEvent::Deferred`] says
+     * `set_conditions`; otherwise `ProgressEvent::Deferred` says
      * why and the SDK waits.
      *
-     * Throws [`FedtuneError::NoTrainingData`] when the example store is empty;
-     * [`FedtuneError::NotEnrolled`] arrives through the listener when `enroll` has not
+     * Throws `FedtuneError::NoTrainingData` when the example store is empty;
+     * `FedtuneError::NotEnrolled` arrives through the listener when `enroll` has not
      * succeeded.
      */
     @Throws(FedtuneException::class)override fun `start`()
@@ -1838,7 +1838,7 @@ open class FedtuneClient: Disposable, AutoCloseable, FedtuneClientInterface
     
     /**
      * Stops at the next safe point (state stays on disk; `start` continues where it left).
-     * [`ProgressEvent::Stopped`] follows.
+     * `ProgressEvent::Stopped` follows.
      */
     @Throws(FedtuneException::class)override fun `stop`()
         = 
@@ -1986,7 +1986,7 @@ public object FfiConverterTypeClientSettings: FfiConverterRustBuffer<ClientSetti
  * The device's state as the app sees it (Android's `BatteryManager`, `ConnectivityManager`,
  * `PowerManager.getCurrentThermalStatus`; iOS's `UIDevice` battery state, `NWPathMonitor`,
  * `ProcessInfo.thermalState`). Send a new value with
- * [`FedtuneClient::set_conditions`](crate::FedtuneClient::set_conditions) whenever one of them
+ * `FedtuneClient::set_conditions` whenever one of them
  * changes.
  */
 data class DeviceConditions (
@@ -2060,7 +2060,7 @@ public object FfiConverterTypeDeviceConditions: FfiConverterRustBuffer<DeviceCon
 
 /**
  * What a device must know to trust a server: the operator hands it out (the daemon writes it
- * as `server-identity.json`; [`parse_server_identity`] reads that file's text).
+ * as `server-identity.json`; `parse_server_identity` reads that file's text).
  */
 data class ServerIdentity (
     /**
@@ -2127,7 +2127,7 @@ enum class BackendPreference {
     /**
      * The GPU through wgpu: Vulkan on Android, Metal on iOS (chosen explicitly, see
      * `mobile/README.md`). Creating the client's model fails with
-     * [`FedtuneError::Model`] where no GPU adapter exists.
+     * `FedtuneError::Model` where no GPU adapter exists.
      */
     GPU,
     /**
@@ -2202,7 +2202,7 @@ enum class ClientState {
      */
     FINISHED,
     /**
-     * Background work failed; the error went to [`ProgressListener::on_error`].
+     * Background work failed; the error went to `ProgressListener::on_error`.
      */
     FAILED;
 
@@ -2240,7 +2240,7 @@ public object FfiConverterTypeClientState: FfiConverterRustBuffer<ClientState> {
  * Why an SDK call (or the background work it started) failed.
  *
  * Calls that can be checked at once throw it; failures of background work (enrollment, a
- * training run) arrive through [`ProgressListener::on_error`](crate::ProgressListener::on_error).
+ * training run) arrive through `ProgressListener::on_error`.
  */
 sealed class FedtuneException: kotlin.Exception() {
     
@@ -2991,7 +2991,7 @@ public object FfiConverterTypeThermalState: FfiConverterRustBuffer<ThermalState>
 
 /**
  * When the SDK may train. Until the app sends conditions, the SDK assumes the device is
- * unplugged on a metered network (it trains only under [`TrainingPolicy::Always`]).
+ * unplugged on a metered network (it trains only under `TrainingPolicy::Always`).
  */
 sealed class TrainingPolicy {
     
