@@ -198,6 +198,12 @@ impl Client {
         &self.state
     }
 
+    /// Replaces the training data between runs (an app that collected new examples); rounds
+    /// already reported are unaffected.
+    pub fn set_training_data(&mut self, data: TrainingData) {
+        self.data = data;
+    }
+
     fn emit(&self, event: Event) {
         self.config.listener.on_event(event);
     }
