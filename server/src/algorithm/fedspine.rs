@@ -5,8 +5,10 @@
 //! averages each coordinate over the devices that kept it
 //! ([`fedtune_shared::lora::aggregation::masked::aggregate_masked`], on FlexLoRA), and rewards
 //! every bandit by its loss progress per unit of its round time, as LoRA does: a pruned model
-//! trains faster but loses more, and the bandit weighs the two for each device without knowing
-//! its compute or bandwidth.
+//! trains faster but contributes less, and the bandit weighs the two for each device without
+//! knowing its compute or bandwidth. A device that was given work and missed the round (the
+//! deadline) earns [`MISSED_ROUND_REWARD`] for its arm: that is what makes slow devices prune,
+//! since progress per time alone is the same trade-off for every device whatever its speed.
 //!
 //! The bookkeeping (bandits, blobs, stats checks, rewards) is the LoRA driver's
 //! ([`super::lora`]); what differs is the arm, the task, the kept units in the report and the
@@ -44,6 +46,12 @@ pub const DEFAULT_RATIOS: [f64; 5] = [0.0, 0.1, 0.2, 0.3, 0.5];
 
 /// The LoRA ranks a bandit chooses from by default.
 pub const DEFAULT_RANKS: [usize; 3] = [4, 8, 16];
+
+/// The reward of a device that was given work and did not report before the round closed (a
+/// straggler past the deadline, or gone): its update added nothing, so its progress, and its
+/// reward, is zero. Without it a configuration too slow for the deadline would never be
+/// observed, and the bandit would never learn to avoid it.
+pub const MISSED_ROUND_REWARD: f64 = 0.0;
 
 /// The run's fixed settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -312,6 +320,15 @@ impl ServerAlgorithm for FedSpine {
         )
         .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
         reward_bandits(&mut next.bandits, &observations);
+        let reported: std::collections::BTreeSet<DeviceId> =
+            reports.iter().map(|(d, _)| *d).collect();
+        for (device, a) in &self.state.assigned {
+            if !reported.contains(device)
+                && let Some(b) = next.bandits.get_mut(device)
+            {
+                let _ = b.update(a.arm, MISSED_ROUND_REWARD);
+            }
+        }
         for stale in std::mem::take(&mut next.stale) {
             self.blobs.remove(&stale.digest);
         }
