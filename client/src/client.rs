@@ -598,12 +598,7 @@ impl Client {
             }
             Err(e) => return Err(refusal(e)),
         }
-        if let Some(adapter) = self
-            .state
-            .pending
-            .take()
-            .and_then(|r| r.payload.adapter())
-        {
+        if let Some(adapter) = self.state.pending.take().and_then(|r| r.payload.adapter()) {
             self.state_dir.remove_outbox(&adapter.digest);
         }
         self.state.pending = None;

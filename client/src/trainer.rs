@@ -3,16 +3,16 @@
 
 use burn::module::Module;
 use fedtune_shared::lora::adapter::AdapterWeights;
+use fedtune_shared::lora::aggregation::masked::overlay_adapter;
 use fedtune_shared::lora::attach::{adapter_weights, attach_weights};
 use fedtune_shared::lora::federation::heldout_loss;
 use fedtune_shared::lora::train::{LoraTrainer, TrainExample};
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::LocalStats;
 use fedtune_shared::protocol::{FedSpineTask, LoraTask};
-use fedtune_shared::lora::aggregation::masked::overlay_adapter;
 use fedtune_shared::prune::kept::KeptUnits;
+use fedtune_shared::prune::prune_tune::{LocalTuning, prune_and_tune};
 use fedtune_shared::prune::units::LayerShape;
-use fedtune_shared::prune::prune_tune::prune_and_tune;
 use fedtune_shared::zo::federation::local_round;
 use fedtune_shared::zo::round::{ClientReport, HistoryDelta, RoundPlan, ZoRunConfig, replay};
 use fedtune_shared::zo::seed_pool::SeedPool;
@@ -292,17 +292,14 @@ pub fn train_fedspine(
     let lora = &task.lora;
     let (examples, model, loss_before) = start_lora_round(base, lora, global, data)?;
     let mut rng = ChaCha8Rng::seed_from_u64(local_seed);
-    let round = prune_and_tune(
-        model,
-        &lora.lora,
-        &lora.train,
-        lora.first_step,
-        &task.schedule,
-        &examples,
-        lora.local_steps,
-        &mut rng,
-    )
-    .map_err(|e| TrainError::Prune(e.to_string()))?;
+    let tuning = LocalTuning {
+        lora: &lora.lora,
+        train: &lora.train,
+        first_step: lora.first_step,
+        local_steps: lora.local_steps,
+    };
+    let round = prune_and_tune(model, &tuning, &task.schedule, &examples, &mut rng)
+        .map_err(|e| TrainError::Prune(e.to_string()))?;
     let adapter = adapter_weights(&round.model, lora.lora.scaling)
         .ok_or_else(|| TrainError::Adapter("training lost the adapters".into()))?;
     // Progress is measured on the full model with the device's coordinates written into the

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::adapter::TargetModule;
+use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::prune::schedule::PruneSchedule;
 
@@ -347,7 +347,8 @@ impl ServerConfig {
                 local_steps,
                 ..
             } => {
-                let ratios_valid = !ratios.is_empty() && ratios.iter().all(|r| (0.0..1.0).contains(r));
+                let ratios_valid =
+                    !ratios.is_empty() && ratios.iter().all(|r| (0.0..1.0).contains(r));
                 if ranks.is_empty()
                     || ranks.contains(&0)
                     || lora.targets.is_empty()

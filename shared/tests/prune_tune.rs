@@ -12,7 +12,7 @@ use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::{LoraTrainer, TrainConfig, TrainExample};
 use fedtune_shared::model::Llama;
 use fedtune_shared::prune::lora_importance::layer_importance;
-use fedtune_shared::prune::prune_tune::{PruneTuneRound, prune_and_tune};
+use fedtune_shared::prune::prune_tune::{LocalTuning, PruneTuneRound, prune_and_tune};
 use fedtune_shared::prune::schedule::{ImportanceKind, PruneSchedule};
 use fedtune_shared::prune::units::{LayerShape, head_columns, query_heads};
 use rand::SeedableRng;
@@ -102,7 +102,9 @@ fn lora_importance_matches_its_formula() {
         };
         let rows = |t| {
             let (v, [_, cols]) = importance_by_hand(m, grads, t);
-            v.chunks(cols).map(|r| r.iter().sum::<f64>()).collect::<Vec<f64>>()
+            v.chunks(cols)
+                .map(|r| r.iter().sum::<f64>())
+                .collect::<Vec<f64>>()
         };
         let (q, k, v, o) = (
             cols(TargetModule::QProj),
@@ -136,7 +138,10 @@ fn lora_importance_matches_its_formula() {
         }
         for (x, y) in got.ffn_channels.iter().zip(&channels) {
             let want = y / channel_params / mean;
-            assert!((x - want).abs() <= 1e-3 * want.abs() + 1e-9, "channel {x} vs {want}");
+            assert!(
+                (x - want).abs() <= 1e-3 * want.abs() + 1e-9,
+                "channel {x} vs {want}"
+            );
         }
         checked = true;
     });
@@ -145,8 +150,14 @@ fn lora_importance_matches_its_formula() {
 
 fn round(seed: u64, schedule: &PruneSchedule) -> PruneTuneRound {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    prune_and_tune(adapted(7), &lora(), &train(), 0, schedule, &data(), 8, &mut rng)
-        .expect("prune and tune")
+    let (lora, train) = (lora(), train());
+    let tuning = LocalTuning {
+        lora: &lora,
+        train: &train,
+        first_step: 0,
+        local_steps: 8,
+    };
+    prune_and_tune(adapted(7), &tuning, schedule, &data(), &mut rng).expect("prune and tune")
 }
 
 #[test]

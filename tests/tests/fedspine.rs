@@ -81,8 +81,12 @@ fn examples(starts: impl Iterator<Item = u32>) -> Vec<TrainExample> {
 /// The base every device holds: a random model of [`config`] (counting is learnt from scratch
 /// by the adapters over the run, so every round has progress to make).
 fn base() -> Llama {
-    Llama::load(&MemorySource::random(config(), 3), &Device::flex(), |_, _| {})
-        .expect("random model")
+    Llama::load(
+        &MemorySource::random(config(), 3),
+        &Device::flex(),
+        |_, _| {},
+    )
+    .expect("random model")
 }
 
 struct SimDevice {
@@ -176,8 +180,7 @@ fn run(base: &Llama, devices: &[SimDevice], settings: FedSpineSettings, rounds: 
             );
             let mut stats = outcome.stats;
             stats.wall_s = LATENCY_S
-                + device.slowdown
-                    * round_work_s(outcome.param_steps, &outcome.adapter, BATCH * 11);
+                + device.slowdown * round_work_s(outcome.param_steps, &outcome.adapter, BATCH * 11);
             // Past the deadline the report never arrives; the round waited until then.
             let delivered = stats.wall_s <= DEADLINE_S;
             slowest = slowest.max(stats.wall_s.min(DEADLINE_S));
@@ -192,7 +195,9 @@ fn run(base: &Llama, devices: &[SimDevice], settings: FedSpineSettings, rounds: 
                     stats.wall_s
                 );
             }
-            let adapter = blobs.put(&encode_adapter(&outcome.adapter)).expect("upload");
+            let adapter = blobs
+                .put(&encode_adapter(&outcome.adapter))
+                .expect("upload");
             let report = Report {
                 run_id: 1,
                 round,

@@ -82,7 +82,13 @@ impl FedSpineSettings {
     }
 
     fn max_rank(&self) -> NonZeroUsize {
-        let max = self.lora.ranks.iter().copied().max().unwrap_or(self.lora.lora.rank);
+        let max = self
+            .lora
+            .ranks
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(self.lora.lora.rank);
         NonZeroUsize::new(max).unwrap_or(NonZeroUsize::MIN)
     }
 }
@@ -170,8 +176,12 @@ impl ServerAlgorithm for FedSpine {
             Some(a) => a.clone(),
             None => {
                 let arms = self.settings.arms();
-                let bandit =
-                    device_bandit(&mut self.state.bandits, device, arms, self.settings.lora.seed)?;
+                let bandit = device_bandit(
+                    &mut self.state.bandits,
+                    device,
+                    arms,
+                    self.settings.lora.seed,
+                )?;
                 let arm = bandit.select();
                 let chosen = bandit.arms()[arm];
                 let rank = chosen.lora_rank;
@@ -266,7 +276,10 @@ impl ServerAlgorithm for FedSpine {
         }
         let global = &self.state.global;
         if weights.layers.len() != global.layers.len()
-            || weights.layers.keys().any(|at| !global.layers.contains_key(at))
+            || weights
+                .layers
+                .keys()
+                .any(|at| !global.layers.contains_key(at))
         {
             return Err(Rejection::new(
                 "shape",

@@ -131,16 +131,16 @@ pub(super) fn device_bandit(
     arms: Vec<Arm>,
     run_seed: u64,
 ) -> Result<&mut DeviceBandit, AlgorithmError> {
-    if !bandits.contains_key(&device) {
-        // Each device's bandit has its own seed, fixed by the run and the device.
-        let seed = run_seed ^ u64::from_le_bytes(device.0[..8].try_into().unwrap_or_default());
-        let bandit = DeviceBandit::new(arms, BanditPolicy::default(), seed)
-            .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
-        bandits.insert(device, bandit);
+    match bandits.entry(device) {
+        std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+        std::collections::btree_map::Entry::Vacant(v) => {
+            // Each device's bandit has its own seed, fixed by the run and the device.
+            let seed = run_seed ^ u64::from_le_bytes(device.0[..8].try_into().unwrap_or_default());
+            let bandit = DeviceBandit::new(arms, BanditPolicy::default(), seed)
+                .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+            Ok(v.insert(bandit))
+        }
     }
-    bandits
-        .get_mut(&device)
-        .ok_or_else(|| AlgorithmError::Aggregation("bandit vanished".into()))
 }
 
 /// Checks a LoRA-style report's measurements: samples within what `max_samples` allows, finite

@@ -46,13 +46,13 @@ pub mod units;
 pub use calibration::{CalibrationStats, ChannelStats, InputMeans, LayerStats, calibrate};
 pub use flap::{compensation_bias, flap_scores, layer_flap_scores};
 pub use kept::{Axis, KeptUnits, gather, scatter};
+pub use lora_importance::{LoraImportance, layer_importance};
 pub use magnitude::{layer_magnitude, magnitude_rms, magnitude_scores};
 pub use plan::{PlanError, PruneOptions, PrunePlan, plan_flap, plan_magnitude, select};
+pub use prune_tune::{LocalTuning, PruneTuneError, PruneTuneRound, prune_and_tune};
 pub use record::{
     CalibrationInfo, PRUNING_FILE, PruneMetric, PruneStep, PruningRecord, write_pruned_folder,
 };
+pub use schedule::{ImportanceKind, PruneSchedule, cubic_ratio, pruning_points};
 pub use structural::prune_model;
 pub use units::{LayerScores, LayerShape, Unit, UnitKind, prunable_params};
-pub use lora_importance::{LoraImportance, layer_importance};
-pub use prune_tune::{PruneTuneError, PruneTuneRound, prune_and_tune};
-pub use schedule::{ImportanceKind, PruneSchedule, cubic_ratio, pruning_points};

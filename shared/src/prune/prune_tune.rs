@@ -80,26 +80,41 @@ pub struct PruneTuneRound {
     pub removed_ratio: f64,
 }
 
-/// Tunes `model`'s adapters for `local_steps` AdamW steps on batches drawn from `data` with
-/// `rng`, pruning as `schedule` says (see the [module docs](self)).
+/// The tuning half of a local round: adapters, optimiser, schedule position, length.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalTuning<'a> {
+    /// The adapters' scaling and dropout, for re-attaching them after each pruning step.
+    pub lora: &'a LoraConfig,
+    /// Optimiser settings.
+    pub train: &'a TrainConfig,
+    /// The learning-rate schedule's step at the start of the round.
+    pub first_step: usize,
+    /// AdamW steps in the round.
+    pub local_steps: usize,
+}
+
+/// Tunes `model`'s adapters for `tuning.local_steps` AdamW steps on batches drawn from `data`
+/// with `rng`, pruning as `schedule` says (see the [module docs](self)).
 ///
 /// `model` lives on an autodiff device with its base frozen and adapters attached (as
-/// [`attach_weights`] followed by `.train()` leaves it); `lora` gives the adapters' scaling and
-/// dropout for re-attaching them after each pruning step.
+/// [`attach_weights`] followed by `.train()` leaves it).
 ///
 /// # Errors
 /// [`PruneTuneError`] for a ratio outside `[0, 1)`, no data, no adapters, or a plan the
 /// options cannot meet even at the reachable ratio.
 pub fn prune_and_tune(
     mut model: Llama,
-    lora: &LoraConfig,
-    train: &TrainConfig,
-    first_step: usize,
+    tuning: &LocalTuning<'_>,
     schedule: &PruneSchedule,
     data: &[TrainExample],
-    local_steps: usize,
     rng: &mut impl Rng,
 ) -> Result<PruneTuneRound, PruneTuneError> {
+    let LocalTuning {
+        lora,
+        train,
+        first_step,
+        local_steps,
+    } = *tuning;
     if data.is_empty() {
         return Err(PruneTuneError::NoData);
     }
@@ -184,7 +199,12 @@ pub fn prune_and_tune(
             importance.restrict(&plan.keep);
             kept = compose(&kept, &plan.keep);
             trainer = LoraTrainer::new(train.clone(), trainer.next_step());
-            tracing::debug!(step = t, target, removed = full - prunable_params(&model), "pruning step");
+            tracing::debug!(
+                step = t,
+                target,
+                removed = full - prunable_params(&model),
+                "pruning step"
+            );
         }
     }
     let report = RoundReport {
@@ -216,7 +236,11 @@ fn select_reachable(
 ) -> Result<Vec<KeptUnits>, PlanError> {
     match select(model, scores, ratio, options) {
         Err(PlanError::Unreachable { reachable, .. }) if reachable > 0.0 => {
-            tracing::warn!(ratio, reachable, "pruning target out of reach; pruning what the options allow");
+            tracing::warn!(
+                ratio,
+                reachable,
+                "pruning target out of reach; pruning what the options allow"
+            );
             select(model, scores, reachable * 0.999, options)
         }
         other => other,

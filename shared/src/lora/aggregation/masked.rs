@@ -139,7 +139,13 @@ fn map_layers(
     weights: &AdapterWeights,
     kept: &[KeptUnits],
     shapes: &[LayerShape],
-    mut map: impl FnMut(AdaptedLayer, &LoraFactors, PrunedSide, &[usize], (usize, usize)) -> Result<LoraFactors, MaskedError>,
+    mut map: impl FnMut(
+        AdaptedLayer,
+        &LoraFactors,
+        PrunedSide,
+        &[usize],
+        (usize, usize),
+    ) -> Result<LoraFactors, MaskedError>,
 ) -> Result<AdapterWeights, MaskedError> {
     check_kept(kept, shapes)?;
     let mut layers = BTreeMap::new();
@@ -172,40 +178,45 @@ pub fn scatter_adapter(
     kept: &[KeptUnits],
     shapes: &[LayerShape],
 ) -> Result<AdapterWeights, MaskedError> {
-    map_layers(weights, kept, shapes, |at, f, side, indices, (d_out, d_in)| {
-        let r = f.rank;
-        let expected = match side {
-            PrunedSide::Outputs => (indices.len(), d_in),
-            PrunedSide::Inputs => (d_out, indices.len()),
-        };
-        let consistent = r.checked_mul(f.d_in) == Some(f.a.len())
-            && f.d_out.checked_mul(r) == Some(f.b.len());
-        if (f.d_out, f.d_in) != expected || !consistent || r == 0 {
-            return Err(MaskedError::Shape {
-                layer: at,
-                expected,
-                found: (f.d_out, f.d_in),
+    map_layers(
+        weights,
+        kept,
+        shapes,
+        |at, f, side, indices, (d_out, d_in)| {
+            let r = f.rank;
+            let expected = match side {
+                PrunedSide::Outputs => (indices.len(), d_in),
+                PrunedSide::Inputs => (d_out, indices.len()),
+            };
+            let consistent = r.checked_mul(f.d_in) == Some(f.a.len())
+                && f.d_out.checked_mul(r) == Some(f.b.len());
+            if (f.d_out, f.d_in) != expected || !consistent || r == 0 {
+                return Err(MaskedError::Shape {
+                    layer: at,
+                    expected,
+                    found: (f.d_out, f.d_in),
+                    rank: r,
+                });
+            }
+            let (a, b) = match side {
+                PrunedSide::Outputs => (
+                    f.a.clone(),
+                    scatter(&f.b, [f.d_out, r], Axis::Rows, indices, d_out),
+                ),
+                PrunedSide::Inputs => (
+                    scatter(&f.a, [r, f.d_in], Axis::Columns, indices, d_in),
+                    f.b.clone(),
+                ),
+            };
+            Ok(LoraFactors {
                 rank: r,
-            });
-        }
-        let (a, b) = match side {
-            PrunedSide::Outputs => (
-                f.a.clone(),
-                scatter(&f.b, [f.d_out, r], Axis::Rows, indices, d_out),
-            ),
-            PrunedSide::Inputs => (
-                scatter(&f.a, [r, f.d_in], Axis::Columns, indices, d_in),
-                f.b.clone(),
-            ),
-        };
-        Ok(LoraFactors {
-            rank: r,
-            d_in,
-            d_out,
-            a,
-            b,
-        })
-    })
+                d_in,
+                d_out,
+                a,
+                b,
+            })
+        },
+    )
 }
 
 /// The part of a full-coordinate adapter that a client which kept `kept` uses: the kept rows
@@ -266,7 +277,11 @@ pub fn overlay_adapter(
     let mut out = scattered.clone();
     for (at, f) in out.layers.iter_mut() {
         let Some(g) = global.layers.get(at) else {
-            return Err(AggregationError::LayerMismatch { client: 0, layer: *at }.into());
+            return Err(AggregationError::LayerMismatch {
+                client: 0,
+                layer: *at,
+            }
+            .into());
         };
         if (g.rank, g.d_out, g.d_in) != (f.rank, f.d_out, f.d_in) || !g.is_consistent() {
             return Err(MaskedError::Shape {
@@ -282,7 +297,8 @@ pub fn overlay_adapter(
         let r = f.rank;
         match side {
             PrunedSide::Outputs => {
-                for ((row, grow), &m) in f.b.chunks_exact_mut(r).zip(g.b.chunks_exact(r)).zip(&mask) {
+                for ((row, grow), &m) in f.b.chunks_exact_mut(r).zip(g.b.chunks_exact(r)).zip(&mask)
+                {
                     if !m {
                         row.copy_from_slice(grow);
                     }
@@ -389,7 +405,11 @@ pub fn aggregate_masked(
         }
         for ((w, mask), c) in folded.iter_mut().zip(&masks).zip(clients) {
             let Some(f) = w.layers.get_mut(&at) else {
-                return Err(AggregationError::LayerMismatch { client: 0, layer: at }.into());
+                return Err(AggregationError::LayerMismatch {
+                    client: 0,
+                    layer: at,
+                }
+                .into());
             };
             let fold: Vec<f64> = mask
                 .iter()
@@ -420,7 +440,9 @@ pub fn aggregate_masked(
             samples: 1,
         })
         .collect();
-    let global = FlexLora::new().with_max_rank(max_rank).aggregate(&uploads)?;
+    let global = FlexLora::new()
+        .with_max_rank(max_rank)
+        .aggregate(&uploads)?;
     let top = *global.ranks().end();
     Ok(global.for_rank(top.min(max_rank.get()))?)
 }
@@ -528,8 +550,16 @@ mod tests {
         assert_eq!(restrict_adapter(&over, &k, &[SHAPE]).expect("restrict"), w);
         let q = &over.layers[&at(TargetModule::QProj)];
         assert_eq!(q.b[..12], global.layers[&at(TargetModule::QProj)].b[..12]);
-        let (down, gdown) = (&over.layers[&at(TargetModule::DownProj)], &global.layers[&at(TargetModule::DownProj)]);
-        assert!(down.a.chunks_exact(3).zip(gdown.a.chunks_exact(3)).all(|(x, y)| x[1] == y[1]));
+        let (down, gdown) = (
+            &over.layers[&at(TargetModule::DownProj)],
+            &global.layers[&at(TargetModule::DownProj)],
+        );
+        assert!(
+            down.a
+                .chunks_exact(3)
+                .zip(gdown.a.chunks_exact(3))
+                .all(|(x, y)| x[1] == y[1])
+        );
     }
 
     #[test]
@@ -580,14 +610,23 @@ mod tests {
         for target in [TargetModule::QProj, TargetModule::DownProj] {
             let full: Vec<DMatrix<f64>> = clients
                 .iter()
-                .map(|c| delta(&scatter_adapter(&c.weights, &c.kept, &[SHAPE]).expect("s"), target))
+                .map(|c| {
+                    delta(
+                        &scatter_adapter(&c.weights, &c.kept, &[SHAPE]).expect("s"),
+                        target,
+                    )
+                })
                 .collect();
             let prev = delta(&previous, target);
             let (side, _, len) = kept_side(target, &clients[0].kept[0], &SHAPE);
             let mut expected = DMatrix::zeros(prev.nrows(), prev.ncols());
             for j in 0..len {
                 let keepers: Vec<usize> = (0..clients.len())
-                    .filter(|&k| kept_side(target, &clients[k].kept[0], &SHAPE).1.contains(&j))
+                    .filter(|&k| {
+                        kept_side(target, &clients[k].kept[0], &SHAPE)
+                            .1
+                            .contains(&j)
+                    })
                     .collect();
                 let n: f64 = keepers.iter().map(|&k| clients[k].samples as f64).sum();
                 let pick = |m: &DMatrix<f64>| match side {
