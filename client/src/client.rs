@@ -20,9 +20,9 @@ use crate::connection::Connection;
 use crate::events::{Event, EventListener};
 use crate::policy::{DeviceConditions, TrainingPolicy};
 use crate::state::{DeviceState, StateDir, StateError};
-use crate::trainer::{FedKSeedModel, TrainError, TrainingData, train_lora};
+use crate::trainer::{FedKSeedModel, TrainError, TrainingData, train_fedspine, train_lora};
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
-use fedtune_shared::protocol::{BlobRef, LoraTask};
+use fedtune_shared::protocol::{BlobRef, FedSpineTask, LoraTask};
 
 /// Why the SDK stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -387,6 +387,7 @@ impl Client {
                 batch_size,
             } => (zo_plan, batch_size),
             Task::Lora(task) => return self.train_lora(connection, plan, task).await,
+            Task::FedSpine(task) => return self.train_fedspine(connection, plan, task).await,
             _ => {
                 return Err(ClientError::PlanRejected(
                     "the plan's algorithm is unknown to this SDK".into(),
@@ -426,13 +427,7 @@ impl Client {
         plan: Plan,
         task: LoraTask,
     ) -> Result<(), ClientError> {
-        let Some(blob) = task.adapter else {
-            return Err(ClientError::PlanRejected(
-                "a LoRA plan without an adapter".into(),
-            ));
-        };
-        let bytes = self.fetch_blob(connection, blob).await?;
-        let global = decode_adapter(&bytes).map_err(|e| TrainError::Adapter(e.to_string()))?;
+        let global = self.fetch_adapter(connection, task.adapter).await?;
         let base = self.model.base().clone();
         let data = self.data.clone();
         let local_seed = plan.local_seed;
@@ -442,7 +437,65 @@ impl Client {
         })
         .await
         .map_err(|e| TransportError::Unexpected(format!("training thread failed: {e}")))??;
-        let encoded = encode_adapter(&weights);
+        let rank = task.lora.rank;
+        self.store_adapter_report(&plan, &weights, stats, |adapter| ReportPayload::Lora {
+            adapter,
+            rank,
+        })
+    }
+
+    async fn train_fedspine(
+        &mut self,
+        connection: &Connection,
+        plan: Plan,
+        task: FedSpineTask,
+    ) -> Result<(), ClientError> {
+        let global = self.fetch_adapter(connection, task.lora.adapter).await?;
+        let base = self.model.base().clone();
+        let data = self.data.clone();
+        let local_seed = plan.local_seed;
+        let train_task = task.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            train_fedspine(&base, &train_task, &global, &data, local_seed)
+        })
+        .await
+        .map_err(|e| TransportError::Unexpected(format!("training thread failed: {e}")))??;
+        let rank = task.lora.lora.rank;
+        let kept = outcome.kept;
+        self.store_adapter_report(&plan, &outcome.adapter, outcome.stats, |adapter| {
+            ReportPayload::FedSpine {
+                adapter,
+                rank,
+                kept,
+            }
+        })
+    }
+
+    /// The global adapter a LoRA or FedSpine plan names, downloaded and decoded.
+    async fn fetch_adapter(
+        &mut self,
+        connection: &Connection,
+        blob: Option<BlobRef>,
+    ) -> Result<fedtune_shared::lora::adapter::AdapterWeights, ClientError> {
+        let Some(blob) = blob else {
+            return Err(ClientError::PlanRejected(
+                "an adapter plan without an adapter".into(),
+            ));
+        };
+        let bytes = self.fetch_blob(connection, blob).await?;
+        Ok(decode_adapter(&bytes).map_err(|e| TrainError::Adapter(e.to_string()))?)
+    }
+
+    /// Puts the trained adapter in the outbox and the report that names it in the durable
+    /// state, to be uploaded and sent.
+    fn store_adapter_report(
+        &mut self,
+        plan: &Plan,
+        weights: &fedtune_shared::lora::adapter::AdapterWeights,
+        stats: fedtune_shared::protocol::LocalStats,
+        payload: impl FnOnce(BlobRef) -> ReportPayload,
+    ) -> Result<(), ClientError> {
+        let encoded = encode_adapter(weights);
         let adapter = BlobRef {
             digest: Digest::of(&encoded),
             len: encoded.len() as u64,
@@ -452,10 +505,7 @@ impl Client {
             run_id: plan.run_id,
             round: plan.round,
             stats,
-            payload: ReportPayload::Lora {
-                adapter,
-                rank: task.lora.rank,
-            },
+            payload: payload(adapter),
         });
         self.state_dir.save(&self.state)?;
         self.emit(Event::ReportReady { round: plan.round });
@@ -531,8 +581,8 @@ impl Client {
         report: Report,
     ) -> Result<(), ClientError> {
         let round = report.round;
-        if let ReportPayload::Lora { adapter, .. } = &report.payload {
-            self.ensure_uploaded(connection, *adapter).await?;
+        if let Some(adapter) = report.payload.adapter() {
+            self.ensure_uploaded(connection, adapter).await?;
         }
         match connection.request(&Request::Report(report)).await {
             Ok(Response::Accepted { round, duplicate }) => {
@@ -554,11 +604,7 @@ impl Client {
             }
             Err(e) => return Err(refusal(e)),
         }
-        if let Some(Report {
-            payload: ReportPayload::Lora { adapter, .. },
-            ..
-        }) = self.state.pending.take()
-        {
+        if let Some(adapter) = self.state.pending.take().and_then(|r| r.payload.adapter()) {
             self.state_dir.remove_outbox(&adapter.digest);
         }
         self.state.pending = None;

@@ -3,12 +3,16 @@
 
 use burn::module::Module;
 use fedtune_shared::lora::adapter::AdapterWeights;
+use fedtune_shared::lora::aggregation::masked::overlay_adapter;
 use fedtune_shared::lora::attach::{adapter_weights, attach_weights};
 use fedtune_shared::lora::federation::heldout_loss;
 use fedtune_shared::lora::train::{LoraTrainer, TrainExample};
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::LocalStats;
-use fedtune_shared::protocol::LoraTask;
+use fedtune_shared::protocol::{FedSpineTask, LoraTask};
+use fedtune_shared::prune::kept::KeptUnits;
+use fedtune_shared::prune::prune_tune::{LocalTuning, prune_and_tune};
+use fedtune_shared::prune::units::LayerShape;
 use fedtune_shared::zo::federation::local_round;
 use fedtune_shared::zo::round::{ClientReport, HistoryDelta, RoundPlan, ZoRunConfig, replay};
 use fedtune_shared::zo::seed_pool::SeedPool;
@@ -45,6 +49,9 @@ pub enum TrainError {
     /// The adapter the server sent does not fit the model or the task.
     #[error("bad adapter: {0}")]
     Adapter(String),
+    /// Pruning during tuning failed.
+    #[error("pruning: {0}")]
+    Prune(String),
     /// The run's settings changed under the device.
     #[error("the plan's FedKSeed settings differ from those the device's history was made with")]
     SettingsChanged,
@@ -205,24 +212,9 @@ pub fn train_lora(
     data: &TrainingData,
     local_seed: u64,
 ) -> Result<(AdapterWeights, LocalStats), TrainError> {
-    let examples = data.lora_examples();
-    if examples.is_empty() {
-        return Err(TrainError::NoData);
-    }
-    if global.rank != task.lora.rank || global.scaling != task.lora.scaling {
-        return Err(TrainError::Adapter(format!(
-            "the adapter has rank {}, the task asks for {}",
-            global.rank, task.lora.rank
-        )));
-    }
-    // The base stays as the app loaded it; `train` switches the module to autodiff, with the
-    // base frozen by `attach_weights` and only the adapters tracked.
-    let model = attach_weights(base.clone(), global, task.lora.dropout)
-        .map_err(|e| TrainError::Adapter(e.to_string()))?
-        .train();
+    let (examples, model, loss_before) = start_lora_round(base, task, global, data)?;
     let pad_id = task.train.pad_id;
     let probe = &examples[..examples.len().min(PROBE_EXAMPLES)];
-    let loss_before = heldout_loss(&model.valid(), probe, pad_id);
     let mut trainer = LoraTrainer::new(task.train.clone(), task.first_step);
     let mut rng = ChaCha8Rng::seed_from_u64(local_seed);
     let (trained, report) = trainer.train_round(model, &examples, task.local_steps, &mut rng);
@@ -238,4 +230,103 @@ pub fn train_lora(
         peak_rss_bytes: report.peak_rss_bytes,
     };
     Ok((weights, stats))
+}
+
+/// The common start of a LoRA or FedSpine round: the examples, the global adapter installed on
+/// the frozen base (on the training device), and the probe loss before training.
+fn start_lora_round(
+    base: &Llama,
+    task: &LoraTask,
+    global: &AdapterWeights,
+    data: &TrainingData,
+) -> Result<(Vec<TrainExample>, Llama, f32), TrainError> {
+    let examples = data.lora_examples();
+    if examples.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    if global.rank != task.lora.rank || global.scaling != task.lora.scaling {
+        return Err(TrainError::Adapter(format!(
+            "the adapter has rank {}, the task asks for {}",
+            global.rank, task.lora.rank
+        )));
+    }
+    // The base stays as the app loaded it; `train` switches the module to autodiff, with the
+    // base frozen by `attach_weights` and only the adapters tracked.
+    let model = attach_weights(base.clone(), global, task.lora.dropout)
+        .map_err(|e| TrainError::Adapter(e.to_string()))?
+        .train();
+    let probe = &examples[..examples.len().min(PROBE_EXAMPLES)];
+    let loss_before = heldout_loss(&model.valid(), probe, task.train.pad_id);
+    Ok((examples, model, loss_before))
+}
+
+/// What a FedSpine round produced on the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FedSpineOutcome {
+    /// The tuned adapter, in the kept coordinates (it fits the pruned model).
+    pub adapter: AdapterWeights,
+    /// Per layer, the units kept (the full model's numbering).
+    pub kept: Vec<KeptUnits>,
+    /// What the device measured (see [`train_fedspine`] for the losses).
+    pub stats: LocalStats,
+    /// The round's work: the prunable weights of the model each iteration ran on, summed.
+    pub param_steps: u64,
+    /// The fraction of prunable weights removed.
+    pub removed_ratio: f64,
+}
+
+/// One FedSpine round: the global adapter at the device's rank installed on the full base, then
+/// the task's steps of LoRA tuning with pruning steps toward the assigned ratio
+/// ([`prune_and_tune`]), with the plan's local seed. The probe loss before is the full model's
+/// with the global adapter, the one after the full model's with the device's tuned
+/// coordinates written over the global adapter ([`overlay_adapter`]): the progress the
+/// bandit is rewarded by is what the round contributes, and an update trained on a heavily
+/// pruned model contributes less.
+pub fn train_fedspine(
+    base: &Llama,
+    task: &FedSpineTask,
+    global: &AdapterWeights,
+    data: &TrainingData,
+    local_seed: u64,
+) -> Result<FedSpineOutcome, TrainError> {
+    let lora = &task.lora;
+    let (examples, model, loss_before) = start_lora_round(base, lora, global, data)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(local_seed);
+    let tuning = LocalTuning {
+        lora: &lora.lora,
+        train: &lora.train,
+        first_step: lora.first_step,
+        local_steps: lora.local_steps,
+    };
+    let round = prune_and_tune(model, &tuning, &task.schedule, &examples, &mut rng)
+        .map_err(|e| TrainError::Prune(e.to_string()))?;
+    let adapter = adapter_weights(&round.model, lora.lora.scaling)
+        .ok_or_else(|| TrainError::Adapter("training lost the adapters".into()))?;
+    // Progress is measured on the full model with the device's coordinates written into the
+    // global adapter: what this round adds to the model everyone shares. Measured on the pruned
+    // model instead, every round would be charged again for pruning units the global model
+    // still has, and the bandit would learn that pruning never pays.
+    let shapes: Vec<LayerShape> = base.layers.iter().map(LayerShape::of).collect();
+    let overlaid = overlay_adapter(global, &adapter, &round.kept, &shapes)
+        .map_err(|e| TrainError::Adapter(e.to_string()))?;
+    let contributed = attach_weights(base.clone(), &overlaid, 0.0)
+        .map_err(|e| TrainError::Adapter(e.to_string()))?;
+    let probe = &examples[..examples.len().min(PROBE_EXAMPLES)];
+    let loss_after = heldout_loss(&contributed, probe, lora.train.pad_id);
+    let report = &round.report;
+    let stats = LocalStats {
+        samples: report.samples,
+        mean_loss: report.mean_loss,
+        first_loss: loss_before,
+        loss_after,
+        wall_s: report.wall_s,
+        peak_rss_bytes: report.peak_rss_bytes,
+    };
+    Ok(FedSpineOutcome {
+        adapter,
+        kept: round.kept,
+        stats,
+        param_steps: round.param_steps,
+        removed_ratio: round.removed_ratio,
+    })
 }

@@ -6,8 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fedtune_shared::lora::adapter::TargetModule;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
+use fedtune_shared::prune::schedule::PruneSchedule;
+
+use crate::algorithm::fedspine::{DEFAULT_RANKS, DEFAULT_RATIOS};
 use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::zo::round::ZoRunConfig;
 use serde::{Deserialize, Serialize};
@@ -186,6 +190,47 @@ pub enum AlgorithmConfig {
         #[serde(default)]
         strategy: AggregationStrategy,
     },
+    /// FedSpine: LoRA tuning with structured pruning on the devices, each device's bandit
+    /// choosing its (pruning ratio, rank).
+    FedSpine {
+        /// Adapter settings; `rank` is ignored (the bandit's). By default every projection is
+        /// adapted, so that the LoRA-gradient importance scores every unit.
+        #[serde(default = "fedspine_lora")]
+        lora: LoraConfig,
+        /// Ranks a device's bandit picks from.
+        #[serde(default = "fedspine_ranks")]
+        ranks: Vec<usize>,
+        /// Pruning ratios a device's bandit picks from, each in `[0, 1)`.
+        #[serde(default = "fedspine_ratios")]
+        ratios: Vec<f64>,
+        /// How devices prune (interval `every`, protected layers, importance); `target` is
+        /// ignored (the bandit's ratio).
+        #[serde(default)]
+        schedule: PruneSchedule,
+        /// Optimiser settings.
+        #[serde(default)]
+        train: TrainConfig,
+        /// Optimiser steps per round.
+        #[serde(default = "fedspine_local_steps")]
+        local_steps: usize,
+    },
+}
+
+fn fedspine_lora() -> LoraConfig {
+    LoraConfig {
+        targets: TargetModule::ALL.to_vec(),
+        ..LoraConfig::default()
+    }
+}
+fn fedspine_ranks() -> Vec<usize> {
+    DEFAULT_RANKS.to_vec()
+}
+fn fedspine_ratios() -> Vec<f64> {
+    DEFAULT_RATIOS.to_vec()
+}
+fn fedspine_local_steps() -> usize {
+    // Pruning steps every `P = 20` iterations need rounds longer than a few `P`.
+    100
 }
 
 fn one() -> usize {
@@ -294,6 +339,28 @@ impl ServerConfig {
                     ));
                 }
             }
+            AlgorithmConfig::FedSpine {
+                lora,
+                ranks,
+                ratios,
+                schedule,
+                local_steps,
+                ..
+            } => {
+                let ratios_valid =
+                    !ratios.is_empty() && ratios.iter().all(|r| (0.0..1.0).contains(r));
+                if ranks.is_empty()
+                    || ranks.contains(&0)
+                    || lora.targets.is_empty()
+                    || *local_steps == 0
+                    || schedule.every == 0
+                    || !ratios_valid
+                {
+                    return Err(ConfigError::Invalid(
+                        "fedspine: ranks positive and non-empty, ratios non-empty in [0, 1), targets non-empty, local_steps and schedule.every positive".into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -341,7 +408,7 @@ mod tests {
     #[test]
     fn example_configs_parse() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
-        for name in ["server.toml", "server-lora.toml"] {
+        for name in ["server.toml", "server-lora.toml", "server-fedspine.toml"] {
             let config =
                 ServerConfig::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(config.metrics.is_some(), "{name}");

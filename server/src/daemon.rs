@@ -20,6 +20,7 @@ use fedtune_shared::protocol::{
 };
 
 use crate::algorithm::fedkseed::FedKSeed;
+use crate::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use crate::algorithm::lora::{Lora, LoraSettings};
 use crate::algorithm::{AlgorithmError, RoundSummary, ServerAlgorithm};
 use crate::blobs::{BlobError, Blobs};
@@ -124,6 +125,7 @@ impl Core {
         let algorithm_tag = match &config.algorithm {
             AlgorithmConfig::Fedkseed { .. } => "fedkseed",
             AlgorithmConfig::Lora { .. } => "lora",
+            AlgorithmConfig::FedSpine { .. } => "fedspine",
         };
         let run_id = match store.meta("run_id")? {
             Some(bytes) => {
@@ -176,9 +178,42 @@ impl Core {
                 match stored {
                     Some(bytes) => Box::new(Lora::restore(settings, blobs.clone(), &bytes)?),
                     None => {
-                        let initial = initial_adapter(&config, &settings)?;
+                        let (initial, _) = initial_adapter(&config, &settings)?;
                         Box::new(Lora::new(settings, blobs.clone(), initial))
                     }
+                }
+            }
+            (
+                AlgorithmConfig::FedSpine {
+                    lora,
+                    ranks,
+                    ratios,
+                    schedule,
+                    train,
+                    local_steps,
+                },
+                stored,
+            ) => {
+                let lora = LoraSettings {
+                    lora: lora.clone(),
+                    ranks: ranks.clone(),
+                    train: train.clone(),
+                    local_steps: *local_steps,
+                    strategy: fedtune_shared::lora::aggregation::AggregationStrategy::FlexLora,
+                    seed: config.rounds.seed,
+                    max_norm,
+                };
+                // The model is read either way: its layer shapes check every report.
+                let (initial, shapes) = initial_adapter(&config, &lora)?;
+                let settings = FedSpineSettings {
+                    lora,
+                    ratios: ratios.clone(),
+                    schedule: schedule.clone(),
+                    shapes,
+                };
+                match stored {
+                    Some(bytes) => Box::new(FedSpine::restore(settings, blobs.clone(), &bytes)?),
+                    None => Box::new(FedSpine::new(settings, blobs.clone(), initial)),
                 }
             }
         };
@@ -579,11 +614,18 @@ impl Core {
 }
 
 /// The global adapter a LoRA run starts from: fresh adapters at the largest rank on the base
-/// model (A Kaiming-uniform from the run's seed, B zero), as the in-process run makes it.
+/// model (A Kaiming-uniform from the run's seed, B zero), as the in-process run makes it; with
+/// the base model's decoder layer shapes.
 fn initial_adapter(
     config: &ServerConfig,
     settings: &LoraSettings,
-) -> Result<fedtune_shared::lora::adapter::AdapterWeights, DaemonError> {
+) -> Result<
+    (
+        fedtune_shared::lora::adapter::AdapterWeights,
+        Vec<fedtune_shared::prune::units::LayerShape>,
+    ),
+    DaemonError,
+> {
     use fedtune_shared::checkpoint::{GgufSource, HfFolder, WeightSource};
     use fedtune_shared::lora::attach::{adapter_weights, attach_fresh};
     let device = burn::tensor::Device::flex();
@@ -598,10 +640,16 @@ fn initial_adapter(
     };
     let model =
         fedtune_shared::model::Llama::load(source.as_ref(), &device, |_, _| {}).map_err(open)?;
+    let shapes = model
+        .layers
+        .iter()
+        .map(fedtune_shared::prune::units::LayerShape::of)
+        .collect();
     let mut fresh = settings.lora.clone();
     fresh.rank = settings.ranks.iter().copied().max().unwrap_or(fresh.rank);
-    adapter_weights(&attach_fresh(model, &fresh, settings.seed), fresh.scaling)
-        .ok_or_else(|| DaemonError::Mismatch("the LoRA configuration adapts no layer".into()))
+    let adapter = adapter_weights(&attach_fresh(model, &fresh, settings.seed), fresh.scaling)
+        .ok_or_else(|| DaemonError::Mismatch("the LoRA configuration adapts no layer".into()))?;
+    Ok((adapter, shapes))
 }
 
 /// The seed of a device's local randomness in a round: the first 8 bytes of

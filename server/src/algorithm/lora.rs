@@ -19,7 +19,9 @@ use fedtune_shared::lora::federation::{adapter_for_rank, aggregate_to_rank};
 use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::frame::{decode_body, encode_body};
-use fedtune_shared::protocol::{BlobRef, DeviceId, LoraTask, Report, ReportPayload, Task};
+use fedtune_shared::protocol::{
+    BlobRef, DeviceId, LocalStats, LoraTask, Report, ReportPayload, Task,
+};
 use serde::{Deserialize, Serialize};
 
 use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
@@ -116,25 +118,126 @@ impl Lora {
     }
 
     fn bandit(&mut self, device: DeviceId) -> Result<&mut DeviceBandit, AlgorithmError> {
-        if !self.state.bandits.contains_key(&device) {
-            let arms = self.settings.ranks.iter().map(|&r| Arm::lora(r)).collect();
+        let arms = self.settings.ranks.iter().map(|&r| Arm::lora(r)).collect();
+        device_bandit(&mut self.state.bandits, device, arms, self.settings.seed)
+    }
+}
+
+/// `device`'s bandit over `arms`, made on first use with a seed fixed by the run and the
+/// device.
+pub(super) fn device_bandit(
+    bandits: &mut BTreeMap<DeviceId, DeviceBandit>,
+    device: DeviceId,
+    arms: Vec<Arm>,
+    run_seed: u64,
+) -> Result<&mut DeviceBandit, AlgorithmError> {
+    match bandits.entry(device) {
+        std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+        std::collections::btree_map::Entry::Vacant(v) => {
             // Each device's bandit has its own seed, fixed by the run and the device.
-            let seed = self.settings.seed
-                ^ u64::from_le_bytes(device.0[..8].try_into().unwrap_or_default());
+            let seed = run_seed ^ u64::from_le_bytes(device.0[..8].try_into().unwrap_or_default());
             let bandit = DeviceBandit::new(arms, BanditPolicy::default(), seed)
                 .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
-            self.state.bandits.insert(device, bandit);
+            Ok(v.insert(bandit))
         }
-        self.state
-            .bandits
-            .get_mut(&device)
-            .ok_or_else(|| AlgorithmError::Aggregation("bandit vanished".into()))
+    }
+}
+
+/// Checks a LoRA-style report's measurements: samples within what `max_samples` allows, finite
+/// losses, a finite non-negative time.
+pub(super) fn check_stats(stats: &LocalStats, max_samples: u64) -> Result<(), Rejection> {
+    if stats.samples == 0 || stats.samples > max_samples {
+        return Err(Rejection::new(
+            "samples",
+            format!("{} samples, a round has 1..={max_samples}", stats.samples),
+        ));
+    }
+    let losses_finite = [stats.first_loss, stats.loss_after, stats.mean_loss]
+        .iter()
+        .all(|l| l.is_finite());
+    let time_valid = stats.wall_s.is_finite() && stats.wall_s >= 0.0;
+    if !losses_finite || !time_valid {
+        return Err(Rejection::new("not_finite", "loss or time is not finite"));
+    }
+    Ok(())
+}
+
+/// The adapter a device uploaded as `adapter`, read and decoded (outside input: every failure
+/// is a [`Rejection`]).
+pub(super) fn read_uploaded_adapter(
+    blobs: &Blobs,
+    adapter: &BlobRef,
+) -> Result<AdapterWeights, Rejection> {
+    if blobs.len(&adapter.digest) != Some(adapter.len) {
+        return Err(Rejection::new(
+            "blob",
+            "the adapter was not uploaded (or its length differs)",
+        ));
+    }
+    let bytes = blobs
+        .read(&adapter.digest)
+        .map_err(|e| Rejection::new("blob", e.to_string()))?;
+    decode_adapter(&bytes).map_err(|e| {
+        let kind = match e {
+            fedtune_shared::protocol::adapter_blob::AdapterBlobError::NotFinite { .. } => {
+                "not_finite"
+            }
+            _ => "shape",
+        };
+        Rejection::new(kind, e.to_string())
+    })
+}
+
+/// Refuses an adapter whose update norm ([`update_norm`]) exceeds `max`.
+pub(super) fn check_norm(weights: &AdapterWeights, max: Option<f64>) -> Result<(), Rejection> {
+    if let Some(max) = max {
+        let norm = update_norm(weights);
+        if norm > max {
+            return Err(Rejection::new(
+                "norm",
+                format!("update norm {norm:.3e} exceeds the bound {max:.3e}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Rewards every observed device's bandit with [`ThroughputReward`] against the round's median
+/// time.
+pub(super) fn reward_bandits(
+    bandits: &mut BTreeMap<DeviceId, DeviceBandit>,
+    observations: &[(DeviceId, usize, RoundObservation)],
+) {
+    let times: Vec<f64> = observations
+        .iter()
+        .map(|(_, _, o)| o.round_time_s)
+        .collect();
+    if let Ok(median) = median_round_time_s(&times) {
+        for (device, arm, observation) in observations {
+            match ThroughputReward.reward(observation, median) {
+                Ok(r) => {
+                    if let Some(b) = bandits.get_mut(device) {
+                        let _ = b.update(*arm, r);
+                    }
+                }
+                Err(e) => tracing::warn!(%device, error = %e, "no reward this round"),
+            }
+        }
+    }
+}
+
+/// The observation of a device's round that its bandit is rewarded by.
+pub(super) fn observation(stats: &LocalStats) -> RoundObservation {
+    RoundObservation {
+        loss_before: stats.first_loss,
+        loss_after: stats.loss_after,
+        round_time_s: stats.wall_s.max(1e-9),
     }
 }
 
 /// `‖s·B·A‖_F` summed over layers, from the r×r Gram matrices (`‖BA‖²_F = Σ (BᵀB ∘ AAᵀ)`), so
 /// the dense product is never formed.
-fn update_norm(adapter: &AdapterWeights) -> f64 {
+pub(super) fn update_norm(adapter: &AdapterWeights) -> f64 {
     let s = adapter.scale() as f64;
     adapter
         .layers
@@ -230,41 +333,10 @@ impl ServerAlgorithm for Lora {
                 format!("rank {rank}, the device was assigned {}", assigned.rank),
             ));
         }
-        let stats = &report.stats;
         let max_samples =
             (self.settings.local_steps * self.settings.train.batch_size.max(1)) as u64;
-        if stats.samples == 0 || stats.samples > max_samples {
-            return Err(Rejection::new(
-                "samples",
-                format!("{} samples, a round has 1..={max_samples}", stats.samples),
-            ));
-        }
-        let losses_finite = [stats.first_loss, stats.loss_after, stats.mean_loss]
-            .iter()
-            .all(|l| l.is_finite());
-        let time_valid = stats.wall_s.is_finite() && stats.wall_s >= 0.0;
-        if !losses_finite || !time_valid {
-            return Err(Rejection::new("not_finite", "loss or time is not finite"));
-        }
-        if self.blobs.len(&adapter.digest) != Some(adapter.len) {
-            return Err(Rejection::new(
-                "blob",
-                "the adapter was not uploaded (or its length differs)",
-            ));
-        }
-        let bytes = self
-            .blobs
-            .read(&adapter.digest)
-            .map_err(|e| Rejection::new("blob", e.to_string()))?;
-        let weights = decode_adapter(&bytes).map_err(|e| {
-            let kind = match e {
-                fedtune_shared::protocol::adapter_blob::AdapterBlobError::NotFinite { .. } => {
-                    "not_finite"
-                }
-                _ => "shape",
-            };
-            Rejection::new(kind, e.to_string())
-        })?;
+        check_stats(&report.stats, max_samples)?;
+        let weights = read_uploaded_adapter(&self.blobs, adapter)?;
         if weights.rank != *rank || weights.scaling != self.settings.lora.scaling {
             return Err(Rejection::new(
                 "shape",
@@ -289,16 +361,7 @@ impl ServerAlgorithm for Lora {
                 ));
             }
         }
-        if let Some(max) = self.settings.max_norm {
-            let norm = update_norm(&weights);
-            if norm > max {
-                return Err(Rejection::new(
-                    "norm",
-                    format!("update norm {norm:.3e} exceeds the bound {max:.3e}"),
-                ));
-            }
-        }
-        Ok(())
+        check_norm(&weights, self.settings.max_norm)
     }
 
     fn aggregate(
@@ -329,15 +392,7 @@ impl ServerAlgorithm for Lora {
             });
             uploaded.push(*adapter);
             if let Some(a) = next.assigned.get(device) {
-                observations.push((
-                    *device,
-                    a.arm,
-                    RoundObservation {
-                        loss_before: report.stats.first_loss,
-                        loss_after: report.stats.loss_after,
-                        round_time_s: report.stats.wall_s.max(1e-9),
-                    },
-                ));
+                observations.push((*device, a.arm, observation(&report.stats)));
             }
             *next.steps.entry(*device).or_default() += self.settings.local_steps;
         }
@@ -348,22 +403,7 @@ impl ServerAlgorithm for Lora {
             &self.state.global,
         )
         .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
-        let times: Vec<f64> = observations
-            .iter()
-            .map(|(_, _, o)| o.round_time_s)
-            .collect();
-        if let Ok(median) = median_round_time_s(&times) {
-            for (device, arm, observation) in &observations {
-                match ThroughputReward.reward(observation, median) {
-                    Ok(r) => {
-                        if let Some(b) = next.bandits.get_mut(device) {
-                            let _ = b.update(*arm, r);
-                        }
-                    }
-                    Err(e) => tracing::warn!(%device, error = %e, "no reward this round"),
-                }
-            }
-        }
+        reward_bandits(&mut next.bandits, &observations);
         // Blobs of the round before are no longer referenced by any stored report.
         for stale in std::mem::take(&mut next.stale) {
             self.blobs.remove(&stale.digest);

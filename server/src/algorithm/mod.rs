@@ -3,6 +3,7 @@
 //! inside the algorithm's state; it stores the bytes [`ServerAlgorithm::state`] gives it.
 
 pub mod fedkseed;
+pub mod fedspine;
 pub mod lora;
 
 use fedtune_shared::protocol::{DeviceId, ErrorCode, Report, Task, WireError};

@@ -173,6 +173,18 @@ impl LoraTrainer {
     /// `model` must live on an autodiff device with its base frozen (see
     /// [`super::attach::attach_fresh`]).
     pub fn step(&mut self, model: Llama, examples: &[TrainExample]) -> (Llama, Option<f32>) {
+        self.step_observed(model, examples, |_, _| {})
+    }
+
+    /// [`Self::step`], showing the step's gradients (before clipping) to `observe` before the
+    /// update: how pruning during tuning scores units from the adapters' gradients
+    /// ([`crate::prune::lora_importance`]).
+    pub fn step_observed(
+        &mut self,
+        model: Llama,
+        examples: &[TrainExample],
+        observe: impl FnOnce(&Llama, &GradientsParams),
+    ) -> (Llama, Option<f32>) {
         let Some(loss) = response_loss(&model, examples, self.config.pad_id) else {
             return (model, None);
         };
@@ -182,6 +194,7 @@ impl LoraTrainer {
             return (model, None);
         }
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        observe(&model, &grads);
         if let Some(max_norm) = self.config.max_grad_norm {
             clip_global_norm(&model, &mut grads, max_norm);
         }

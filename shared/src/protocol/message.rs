@@ -7,6 +7,8 @@ use super::auth::{DeviceId, PublicKey, Signed};
 use super::blob::Digest;
 use crate::lora::config::LoraConfig;
 use crate::lora::train::TrainConfig;
+use crate::prune::kept::KeptUnits;
+use crate::prune::schedule::PruneSchedule;
 use crate::zo::round::{ClientReport, RoundPlan};
 
 /// What a device sends, one request per QUIC stream.
@@ -119,6 +121,22 @@ pub enum Task {
     },
     /// LoRA: load the global adapter at the assigned rank, train, return the adapter.
     Lora(LoraTask),
+    /// FedSpine: LoRA tuning at the assigned rank while pruning toward the assigned ratio;
+    /// return the adapter on the kept units and which units were kept.
+    FedSpine(FedSpineTask),
+}
+
+/// A FedSpine round's work: [`LoraTask`]'s, plus how to prune.
+///
+/// The device starts the round from its full base model with the global adapter at its rank
+/// (full coordinates), prunes every `schedule.every` iterations on the cubic schedule toward
+/// `schedule.target`, and reports its adapter in its kept coordinates with the kept units.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FedSpineTask {
+    /// Adapter, optimiser and step settings, with the rank the server assigned.
+    pub lora: LoraTask,
+    /// The pruning ratio the server assigned, and how to get there.
+    pub schedule: PruneSchedule,
 }
 
 /// A LoRA round's work.
@@ -174,6 +192,25 @@ pub enum ReportPayload {
         /// Its rank.
         rank: usize,
     },
+    /// FedSpine: the adapter trained on the pruned model, and what the device kept.
+    FedSpine {
+        /// The uploaded adapter blob, in the kept coordinates.
+        adapter: BlobRef,
+        /// Its rank.
+        rank: usize,
+        /// Per decoder layer, the units kept (the full model's numbering).
+        kept: Vec<KeptUnits>,
+    },
+}
+
+impl ReportPayload {
+    /// The uploaded adapter blob, for the algorithms that upload one.
+    pub fn adapter(&self) -> Option<BlobRef> {
+        match self {
+            Self::Lora { adapter, .. } | Self::FedSpine { adapter, .. } => Some(*adapter),
+            Self::FedKSeed(_) => None,
+        }
+    }
 }
 
 /// What a device measured in its round.

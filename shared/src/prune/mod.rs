@@ -23,26 +23,36 @@
 //! write_pruned_folder(&pruned, &config, &record, dir)?; // loads back with HfFolder + Llama::load
 //! ```
 //!
-//! Not here yet: importance from LoRA gradients (FedSpine's client-side score), and GGUF export
+//! - [`lora_importance`]: LoRAPrune's importance from the adapters' gradients during tuning;
+//! - [`schedule`], [`prune_tune`]: FedSpine's local round, pruning on a cubic schedule every `P`
+//!   iterations while the adapters are tuned ([`prune_and_tune`]).
+//!
+//! Not here yet: GGUF export
 //! of a pruned model (llama.cpp reads per-layer head counts as metadata arrays; fedtune's GGUF
 //! reader and writer do not yet).
 
 pub mod calibration;
 pub mod flap;
 pub mod kept;
+pub mod lora_importance;
 pub mod magnitude;
 pub mod plan;
+pub mod prune_tune;
 pub mod record;
+pub mod schedule;
 pub mod structural;
 pub mod units;
 
 pub use calibration::{CalibrationStats, ChannelStats, InputMeans, LayerStats, calibrate};
 pub use flap::{compensation_bias, flap_scores, layer_flap_scores};
 pub use kept::{Axis, KeptUnits, gather, scatter};
+pub use lora_importance::{LoraImportance, layer_importance};
 pub use magnitude::{layer_magnitude, magnitude_rms, magnitude_scores};
 pub use plan::{PlanError, PruneOptions, PrunePlan, plan_flap, plan_magnitude, select};
+pub use prune_tune::{LocalTuning, PruneTuneError, PruneTuneRound, prune_and_tune};
 pub use record::{
     CalibrationInfo, PRUNING_FILE, PruneMetric, PruneStep, PruningRecord, write_pruned_folder,
 };
+pub use schedule::{ImportanceKind, PruneSchedule, cubic_ratio, pruning_points};
 pub use structural::prune_model;
 pub use units::{LayerScores, LayerShape, Unit, UnitKind, prunable_params};

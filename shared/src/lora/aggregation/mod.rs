@@ -15,6 +15,10 @@
 //! - [`FlexLora`] (Bai et al. 2024, the default): averages the full updates `s B A` and hands
 //!   each client the best approximation of that average at its rank (truncated SVD).
 //!
+//! Clients that trained on differently pruned models (FedSpine) go through [`masked`]: their
+//! adapters are scattered to full coordinates and each coordinate is averaged over the clients
+//! that kept it, on top of FlexLoRA.
+//!
 //! All of them first check every upload ([`AggregationError`]): the same layers, shapes and
 //! scaling everywhere, factor lengths that match the declared shapes, finite numbers. An upload is
 //! outside input, so a malformed or poisoned one is an error, never a panic. Arithmetic is `f64`
@@ -23,6 +27,7 @@
 mod fedavg;
 mod flexlora;
 mod hetlora;
+pub mod masked;
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -35,6 +40,9 @@ use crate::lora::adapter::{AdaptedLayer, AdapterWeights, LoraFactors, LoraScalin
 pub use fedavg::FedAvg;
 pub use flexlora::FlexLora;
 pub use hetlora::HetLora;
+pub use masked::{
+    PrunedClientAdapter, aggregate_masked, overlay_adapter, restrict_adapter, scatter_adapter,
+};
 
 /// One client's upload for a round.
 #[derive(Debug, Clone, PartialEq)]
