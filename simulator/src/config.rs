@@ -369,6 +369,21 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configurations_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("simulate-") && name.ends_with(".toml") {
+                SimulationConfig::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0);
+    }
+
+    #[test]
     fn bad_configs_say_why() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sim.toml");

@@ -10,6 +10,7 @@ use std::time::Instant;
 use burn::module::Module;
 use fedtune_client::trainer::FedKSeedModel;
 use fedtune_server::algorithm::fedkseed::FedKSeed;
+use fedtune_server::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use fedtune_server::algorithm::lora::{Lora, LoraSettings};
 use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
 use fedtune_server::blobs::{BlobError, Blobs};
@@ -80,6 +81,8 @@ pub enum Driver {
     },
     /// LoRA with any aggregation strategy.
     Lora(Lora),
+    /// FedSpine: LoRA with pruning on the devices.
+    FedSpine(FedSpine),
 }
 
 impl Driver {
@@ -113,20 +116,40 @@ impl Driver {
                     seed,
                     max_norm,
                 };
-                // The daemon's first adapter: fresh at the largest rank, seeded by the run.
-                let mut fresh = lora.clone();
-                fresh.rank = ranks.iter().copied().max().unwrap_or(fresh.rank);
-                let initial =
-                    adapter_weights(&attach_fresh(base.valid(), &fresh, seed), fresh.scaling)
-                        .ok_or_else(|| {
-                            EngineError::Invalid("the LoRA configuration adapts no layer".into())
-                        })?;
+                let initial = initial_adapter(base, &settings)?;
                 Ok(Self::Lora(Lora::new(settings, blobs, initial)))
             }
-            #[allow(unreachable_patterns)] // further algorithms are added to the daemon first
-            _ => Err(EngineError::Invalid(
-                "the harness cannot drive this algorithm yet".into(),
-            )),
+            AlgorithmConfig::FedSpine {
+                lora,
+                ranks,
+                ratios,
+                schedule,
+                train,
+                local_steps,
+            } => {
+                // As the daemon builds it: FlexLoRA underneath the masked aggregation.
+                let settings = LoraSettings {
+                    lora: lora.clone(),
+                    ranks: ranks.clone(),
+                    train: train.clone(),
+                    local_steps: *local_steps,
+                    strategy: fedtune_shared::lora::aggregation::AggregationStrategy::FlexLora,
+                    seed,
+                    max_norm,
+                };
+                let initial = initial_adapter(base, &settings)?;
+                let settings = FedSpineSettings {
+                    lora: settings,
+                    ratios: ratios.clone(),
+                    schedule: schedule.clone(),
+                    shapes: base
+                        .layers
+                        .iter()
+                        .map(fedtune_shared::prune::units::LayerShape::of)
+                        .collect(),
+                };
+                Ok(Self::FedSpine(FedSpine::new(settings, blobs, initial)))
+            }
         }
     }
 
@@ -134,6 +157,7 @@ impl Driver {
         match self {
             Self::FedKSeed { algorithm, .. } => algorithm,
             Self::Lora(lora) => lora,
+            Self::FedSpine(fedspine) => fedspine,
         }
     }
 
@@ -175,7 +199,7 @@ impl Driver {
                 *model = fresh;
                 Ok(model.model().clone())
             }
-            (Self::Lora(_), Some(bytes)) => {
+            (Self::Lora(_) | Self::FedSpine(_), Some(bytes)) => {
                 let adapter = fedtune_shared::protocol::adapter_blob::decode_adapter(bytes)
                     .map_err(|e| corrupt(&e))?;
                 attach_weights(base.valid(), &adapter, 0.0).map_err(|e| corrupt(&e))
@@ -189,6 +213,9 @@ impl Driver {
         match self {
             Self::FedKSeed { model, .. } => Ok(model.model().clone()),
             Self::Lora(lora) => attach_weights(base.valid(), lora.global(), 0.0)
+                .map_err(|e| EngineError::Invalid(e.to_string())),
+            // The global adapter lives in the full model's coordinates: evaluated unpruned.
+            Self::FedSpine(fedspine) => attach_weights(base.valid(), fedspine.global(), 0.0)
                 .map_err(|e| EngineError::Invalid(e.to_string())),
         }
     }
@@ -394,7 +421,7 @@ fn train_all(
 ) -> Vec<Attempt> {
     let fedkseed = match driver {
         Driver::FedKSeed { model, .. } => Some(model),
-        Driver::Lora(_) => None,
+        Driver::Lora(_) | Driver::FedSpine(_) => None,
     };
     let run = |job: &Job, base: &Llama, fedkseed: Option<&FedKSeedModel>| {
         let (client, device, task, seed, down, dropped) = job;
@@ -435,6 +462,17 @@ fn train_all(
         }
     });
     slots.into_iter().flatten().collect()
+}
+
+/// The daemon's first adapter: fresh at the largest rank, seeded by the run.
+fn initial_adapter(
+    base: &Llama,
+    settings: &LoraSettings,
+) -> Result<fedtune_shared::lora::adapter::AdapterWeights, EngineError> {
+    let mut fresh = settings.lora.clone();
+    fresh.rank = settings.ranks.iter().copied().max().unwrap_or(fresh.rank);
+    adapter_weights(&attach_fresh(base.valid(), &fresh, settings.seed), fresh.scaling)
+        .ok_or_else(|| EngineError::Invalid("the LoRA configuration adapts no layer".into()))
 }
 
 /// A fresh blob store for a run's driver under `dir`.

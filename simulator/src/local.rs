@@ -2,7 +2,9 @@
 //! (`fedtune_client::trainer`), fed from the daemon's blob store instead of a QUIC stream, so
 //! an in-process run and a QUIC run compute the same thing.
 
-use fedtune_client::trainer::{FedKSeedModel, TrainError, TrainingData, train_lora};
+use fedtune_client::trainer::{
+    FedKSeedModel, TrainError, TrainingData, train_fedspine, train_lora,
+};
 use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
@@ -108,6 +110,32 @@ fn run(
                 blob_down_bytes: bytes.len() as u64,
                 blob_up_bytes: encoded.len() as u64,
                 model_bytes: weight_bytes(models.base) + encoded.len() as u64,
+                device_s: 0.0,
+            })
+        }
+        Task::FedSpine(spine) => {
+            let blob = spine.lora.adapter.ok_or_else(|| {
+                LocalError::Unsupported("a FedSpine plan without an adapter".into())
+            })?;
+            let bytes = blobs.read(&blob.digest)?;
+            let global =
+                decode_adapter(&bytes).map_err(|e| TrainError::Adapter(e.to_string()))?;
+            let outcome = train_fedspine(models.base, spine, &global, data, local_seed)?;
+            let encoded = encode_adapter(&outcome.adapter);
+            let uploaded = blobs.put(&encoded)?;
+            // The device trained the pruned model: its weights are what it held.
+            let kept_fraction = 1.0 - outcome.removed_ratio;
+            Ok(LocalResult {
+                payload: ReportPayload::FedSpine {
+                    adapter: uploaded,
+                    rank: outcome.adapter.rank,
+                    kept: outcome.kept,
+                },
+                stats: outcome.stats,
+                blob_down_bytes: bytes.len() as u64,
+                blob_up_bytes: encoded.len() as u64,
+                model_bytes: (weight_bytes(models.base) as f64 * kept_fraction) as u64
+                    + encoded.len() as u64,
                 device_s: 0.0,
             })
         }

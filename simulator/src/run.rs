@@ -185,8 +185,7 @@ pub fn algorithm_name(algorithm: &AlgorithmConfig) -> &'static str {
             AggregationStrategy::HetLora => "hetlora",
             AggregationStrategy::FlexLora => "flexlora",
         },
-        #[allow(unreachable_patterns)] // algorithms the daemon gains later
-        _ => "other",
+        AlgorithmConfig::FedSpine { .. } => "fedspine",
     }
 }
 
@@ -381,8 +380,11 @@ fn run_one(
 /// `algorithm` with the tokenizer's padding token in its training settings (batches pad
 /// with it; a configuration file cannot know it).
 fn with_pad(mut algorithm: AlgorithmConfig, pad_id: u32) -> AlgorithmConfig {
-    if let AlgorithmConfig::Lora { train, .. } = &mut algorithm {
-        train.pad_id = pad_id;
+    match &mut algorithm {
+        AlgorithmConfig::Lora { train, .. } | AlgorithmConfig::FedSpine { train, .. } => {
+            train.pad_id = pad_id
+        }
+        AlgorithmConfig::Fedkseed { .. } => {}
     }
     algorithm
 }

@@ -3,7 +3,9 @@
 
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
+use fedtune_shared::lora::TargetModule;
 use fedtune_shared::lora::config::LoraConfig;
+use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_shared::lora::train::{TrainConfig, TrainExample};
 use fedtune_shared::model::Llama;
 use fedtune_simulator::engine::{Driver, RoundPolicy, blob_store, run_in_process};
@@ -75,8 +77,35 @@ fn lora(strategy: AggregationStrategy, ranks: Vec<usize>) -> AlgorithmConfig {
     }
 }
 
+fn fedspine() -> AlgorithmConfig {
+    AlgorithmConfig::FedSpine {
+        lora: LoraConfig {
+            targets: TargetModule::ALL.to_vec(),
+            ..LoraConfig::default()
+        },
+        ranks: vec![2, 4],
+        ratios: vec![0.0, 0.2],
+        // A pruning step every other optimiser step: a round of 4 steps prunes twice. The tiny
+        // model has two layers: none is protected, or nothing would be left to prune.
+        schedule: PruneSchedule {
+            every: 2,
+            protect_first: 0,
+            protect_last: false,
+            ..PruneSchedule::default()
+        },
+        train: TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            ..TrainConfig::default()
+        },
+        local_steps: 4,
+    }
+}
+
 #[test]
 fn every_algorithm_improves_heldout_loss() {
+    // Dropped devices and rejected reports are logged at `warn`: shown when a check fails.
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let base = load_model(&tiny_model_folder(dir.path(), 3));
     let fleet = FleetSpec::Mix { mix: "three-speeds".into() };
@@ -89,6 +118,7 @@ fn every_algorithm_improves_heldout_loss() {
         ("fedavg", lora(AggregationStrategy::FedAvg, vec![4])),
         ("hetlora", lora(AggregationStrategy::HetLora, vec![2, 4, 8])),
         ("flexlora", lora(AggregationStrategy::FlexLora, vec![2, 4, 8])),
+        ("fedspine", fedspine()),
     ];
     for (name, algorithm) in &algorithms {
         let (initial, records) = run(&base, algorithm, &fleet, 5);
@@ -97,7 +127,9 @@ fn every_algorithm_improves_heldout_loss() {
         eprintln!("{name}: held-out loss {initial:.4} -> {final_loss:.4}");
         assert_eq!(records.len(), 5);
         assert!(final_loss < initial, "{name}: {initial} -> {final_loss}");
-        assert!(records.iter().all(|r| r.clients == 4 && r.bytes_up > 0 && r.bytes_down > 0));
+        for r in &records {
+            assert!(r.clients == 4 && r.bytes_up > 0 && r.bytes_down > 0, "{name}: {r:?}");
+        }
         assert!(last.sim_time_s > 0.0 && last.total_bytes > 0);
     }
 }

@@ -3,7 +3,9 @@
 
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
+use fedtune_shared::lora::TargetModule;
 use fedtune_shared::lora::config::LoraConfig;
+use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_shared::lora::train::{TrainConfig, TrainExample};
 use fedtune_simulator::engine::{Driver, RoundPolicy, blob_store, run_in_process};
 use fedtune_simulator::evaluation::Evaluator;
@@ -85,6 +87,21 @@ fn lora_over_quic_equals_in_process() {
         train: TrainConfig { lr: 1e-2, warmup_steps: 0, ..TrainConfig::default() },
         local_steps: 3,
         strategy: AggregationStrategy::FedAvg,
+    });
+    assert!(!in_process.is_empty());
+    assert!(in_process == served, "the daemon's checkpoint differs from the in-process one");
+}
+
+#[test]
+fn fedspine_over_quic_equals_in_process() {
+    // One arm (ratio, rank), as for LoRA; devices prune while they tune either way.
+    let (in_process, served) = both(AlgorithmConfig::FedSpine {
+        lora: LoraConfig { rank: 4, dropout: 0.0, targets: TargetModule::ALL.to_vec(), ..LoraConfig::default() },
+        ranks: vec![4],
+        ratios: vec![0.2],
+        schedule: PruneSchedule { every: 1, protect_first: 0, protect_last: false, ..PruneSchedule::default() },
+        train: TrainConfig { lr: 1e-2, warmup_steps: 0, ..TrainConfig::default() },
+        local_steps: 3,
     });
     assert!(!in_process.is_empty());
     assert!(in_process == served, "the daemon's checkpoint differs from the in-process one");
