@@ -243,6 +243,44 @@ fn default_local_steps() -> usize {
     10
 }
 
+impl AlgorithmConfig {
+    /// The LoRA settings of a LoRA or FedSpine run (FedSpine aggregates with FlexLoRA under its
+    /// masks, whatever `strategy` says); `None` for FedKSeed. `seed` seeds bandits and the first
+    /// adapter; `max_norm` bounds each update.
+    pub fn lora_settings(
+        &self,
+        seed: u64,
+        max_norm: Option<f64>,
+    ) -> Option<crate::algorithm::lora::LoraSettings> {
+        let (lora, ranks, train, local_steps, strategy) = match self {
+            Self::Fedkseed { .. } => return None,
+            Self::Lora {
+                lora,
+                ranks,
+                train,
+                local_steps,
+                strategy,
+            } => (lora, ranks, train, local_steps, *strategy),
+            Self::FedSpine {
+                lora,
+                ranks,
+                train,
+                local_steps,
+                ..
+            } => (lora, ranks, train, local_steps, AggregationStrategy::FlexLora),
+        };
+        Some(crate::algorithm::lora::LoraSettings {
+            lora: lora.clone(),
+            ranks: ranks.clone(),
+            train: train.clone(),
+            local_steps: *local_steps,
+            strategy,
+            seed,
+            max_norm,
+        })
+    }
+}
+
 impl ServerConfig {
     /// A daemon with its state in `state_dir`, on `model`, running `algorithm`, with every other
     /// setting at its default (listening on 0.0.0.0:4433, no metrics endpoint).

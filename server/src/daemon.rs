@@ -156,25 +156,8 @@ impl Core {
             (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => {
                 Box::new(FedKSeed::restore(&bytes, *batch_size, max_norm)?)
             }
-            (
-                AlgorithmConfig::Lora {
-                    lora,
-                    ranks,
-                    train,
-                    local_steps,
-                    strategy,
-                },
-                stored,
-            ) => {
-                let settings = LoraSettings {
-                    lora: lora.clone(),
-                    ranks: ranks.clone(),
-                    train: train.clone(),
-                    local_steps: *local_steps,
-                    strategy: *strategy,
-                    seed: config.rounds.seed,
-                    max_norm,
-                };
+            (AlgorithmConfig::Lora { .. }, stored) => {
+                let settings = lora_settings(&config, max_norm)?;
                 match stored {
                     Some(bytes) => Box::new(Lora::restore(settings, blobs.clone(), &bytes)?),
                     None => {
@@ -185,24 +168,11 @@ impl Core {
             }
             (
                 AlgorithmConfig::FedSpine {
-                    lora,
-                    ranks,
-                    ratios,
-                    schedule,
-                    train,
-                    local_steps,
+                    ratios, schedule, ..
                 },
                 stored,
             ) => {
-                let lora = LoraSettings {
-                    lora: lora.clone(),
-                    ranks: ranks.clone(),
-                    train: train.clone(),
-                    local_steps: *local_steps,
-                    strategy: fedtune_shared::lora::aggregation::AggregationStrategy::FlexLora,
-                    seed: config.rounds.seed,
-                    max_norm,
-                };
+                let lora = lora_settings(&config, max_norm)?;
                 // The model is read either way: its layer shapes check every report.
                 let (initial, shapes) = initial_adapter(&config, &lora)?;
                 let settings = FedSpineSettings {
@@ -616,6 +586,17 @@ impl Core {
 /// The global adapter a LoRA run starts from: fresh adapters at the largest rank on the base
 /// model (A Kaiming-uniform from the run's seed, B zero), as the in-process run makes it; with
 /// the base model's decoder layer shapes.
+/// The LoRA settings of the configured LoRA or FedSpine run.
+fn lora_settings(
+    config: &ServerConfig,
+    max_norm: Option<f64>,
+) -> Result<LoraSettings, DaemonError> {
+    config
+        .algorithm
+        .lora_settings(config.rounds.seed, max_norm)
+        .ok_or_else(|| DaemonError::Mismatch("not a LoRA configuration".into()))
+}
+
 fn initial_adapter(
     config: &ServerConfig,
     settings: &LoraSettings,
@@ -627,7 +608,6 @@ fn initial_adapter(
     DaemonError,
 > {
     use fedtune_shared::checkpoint::{GgufSource, HfFolder, WeightSource};
-    use fedtune_shared::lora::attach::{adapter_weights, attach_fresh};
     let device = burn::tensor::Device::flex();
     let open = |e: fedtune_shared::checkpoint::CheckpointError| DaemonError::Model {
         path: config.model.clone(),
@@ -645,9 +625,7 @@ fn initial_adapter(
         .iter()
         .map(fedtune_shared::prune::units::LayerShape::of)
         .collect();
-    let mut fresh = settings.lora.clone();
-    fresh.rank = settings.ranks.iter().copied().max().unwrap_or(fresh.rank);
-    let adapter = adapter_weights(&attach_fresh(model, &fresh, settings.seed), fresh.scaling)
+    let adapter = crate::algorithm::lora::initial_adapter(model, settings)
         .ok_or_else(|| DaemonError::Mismatch("the LoRA configuration adapts no layer".into()))?;
     Ok((adapter, shapes))
 }

@@ -16,7 +16,7 @@ use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
 use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_server::daemon::local_seed;
-use fedtune_shared::lora::attach::{adapter_weights, attach_fresh, attach_weights};
+use fedtune_shared::lora::attach::attach_weights;
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::frame::encode;
@@ -71,6 +71,8 @@ pub enum EngineError {
 
 /// The daemon's driver of the run's algorithm, with what the harness needs to evaluate its
 /// global model.
+// One driver per run, never moved in a hot path: boxing the larger variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Driver {
     /// FedKSeed (or Pro): the driver and the one global model all virtual devices share.
     FedKSeed {
@@ -100,43 +102,15 @@ impl Driver {
                 algorithm: FedKSeed::new(run.clone(), *batch_size, max_norm),
                 model: FedKSeedModel::new(base.valid()),
             }),
-            AlgorithmConfig::Lora {
-                lora,
-                ranks,
-                train,
-                local_steps,
-                strategy,
-            } => {
-                let settings = LoraSettings {
-                    lora: lora.clone(),
-                    ranks: ranks.clone(),
-                    train: train.clone(),
-                    local_steps: *local_steps,
-                    strategy: *strategy,
-                    seed,
-                    max_norm,
-                };
+            AlgorithmConfig::Lora { .. } => {
+                let settings = lora_settings(config, seed, max_norm)?;
                 let initial = initial_adapter(base, &settings)?;
                 Ok(Self::Lora(Lora::new(settings, blobs, initial)))
             }
             AlgorithmConfig::FedSpine {
-                lora,
-                ranks,
-                ratios,
-                schedule,
-                train,
-                local_steps,
+                ratios, schedule, ..
             } => {
-                // As the daemon builds it: FlexLoRA underneath the masked aggregation.
-                let settings = LoraSettings {
-                    lora: lora.clone(),
-                    ranks: ranks.clone(),
-                    train: train.clone(),
-                    local_steps: *local_steps,
-                    strategy: fedtune_shared::lora::aggregation::AggregationStrategy::FlexLora,
-                    seed,
-                    max_norm,
-                };
+                let settings = lora_settings(config, seed, max_norm)?;
                 let initial = initial_adapter(base, &settings)?;
                 let settings = FedSpineSettings {
                     lora: settings,
@@ -464,14 +438,23 @@ fn train_all(
     slots.into_iter().flatten().collect()
 }
 
-/// The daemon's first adapter: fresh at the largest rank, seeded by the run.
+/// The LoRA settings the daemon derives from `config`.
+fn lora_settings(
+    config: &AlgorithmConfig,
+    seed: u64,
+    max_norm: Option<f64>,
+) -> Result<LoraSettings, EngineError> {
+    config
+        .lora_settings(seed, max_norm)
+        .ok_or_else(|| EngineError::Invalid("not a LoRA configuration".into()))
+}
+
+/// The daemon's first adapter (on the inference copy of `base`, as the daemon loads it).
 fn initial_adapter(
     base: &Llama,
     settings: &LoraSettings,
 ) -> Result<fedtune_shared::lora::adapter::AdapterWeights, EngineError> {
-    let mut fresh = settings.lora.clone();
-    fresh.rank = settings.ranks.iter().copied().max().unwrap_or(fresh.rank);
-    adapter_weights(&attach_fresh(base.valid(), &fresh, settings.seed), fresh.scaling)
+    fedtune_server::algorithm::lora::initial_adapter(base.valid(), settings)
         .ok_or_else(|| EngineError::Invalid("the LoRA configuration adapts no layer".into()))
 }
 

@@ -8,7 +8,8 @@ use fedtune_client::trainer::{
 use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
-use fedtune_shared::protocol::{LocalStats, ReportPayload, Task};
+use fedtune_shared::lora::adapter::AdapterWeights;
+use fedtune_shared::protocol::{BlobRef, LocalStats, ReportPayload, Task};
 
 /// What a device's round produced.
 #[derive(Debug, Clone)]
@@ -92,37 +93,25 @@ fn run(
             })
         }
         Task::Lora(lora) => {
-            let blob = lora
-                .adapter
-                .ok_or_else(|| LocalError::Unsupported("a LoRA plan without an adapter".into()))?;
-            let bytes = blobs.read(&blob.digest)?;
-            let global = decode_adapter(&bytes)
-                .map_err(|e| TrainError::Adapter(e.to_string()))?;
+            let (global, down) = download(blobs, lora.adapter)?;
             let (weights, stats) = train_lora(models.base, lora, &global, data, local_seed)?;
-            let encoded = encode_adapter(&weights);
-            let uploaded = blobs.put(&encoded)?;
+            let (uploaded, up) = upload(blobs, &weights)?;
             Ok(LocalResult {
                 payload: ReportPayload::Lora {
                     adapter: uploaded,
                     rank: weights.rank,
                 },
                 stats,
-                blob_down_bytes: bytes.len() as u64,
-                blob_up_bytes: encoded.len() as u64,
-                model_bytes: weight_bytes(models.base) + encoded.len() as u64,
+                blob_down_bytes: down,
+                blob_up_bytes: up,
+                model_bytes: weight_bytes(models.base) + up,
                 device_s: 0.0,
             })
         }
         Task::FedSpine(spine) => {
-            let blob = spine.lora.adapter.ok_or_else(|| {
-                LocalError::Unsupported("a FedSpine plan without an adapter".into())
-            })?;
-            let bytes = blobs.read(&blob.digest)?;
-            let global =
-                decode_adapter(&bytes).map_err(|e| TrainError::Adapter(e.to_string()))?;
+            let (global, down) = download(blobs, spine.lora.adapter)?;
             let outcome = train_fedspine(models.base, spine, &global, data, local_seed)?;
-            let encoded = encode_adapter(&outcome.adapter);
-            let uploaded = blobs.put(&encoded)?;
+            let (uploaded, up) = upload(blobs, &outcome.adapter)?;
             // The device trained the pruned model: its weights are what it held.
             let kept_fraction = 1.0 - outcome.removed_ratio;
             Ok(LocalResult {
@@ -132,10 +121,9 @@ fn run(
                     kept: outcome.kept,
                 },
                 stats: outcome.stats,
-                blob_down_bytes: bytes.len() as u64,
-                blob_up_bytes: encoded.len() as u64,
-                model_bytes: (weight_bytes(models.base) as f64 * kept_fraction) as u64
-                    + encoded.len() as u64,
+                blob_down_bytes: down,
+                blob_up_bytes: up,
+                model_bytes: (weight_bytes(models.base) as f64 * kept_fraction) as u64 + up,
                 device_s: 0.0,
             })
         }
@@ -143,6 +131,24 @@ fn run(
             "this harness does not know the plan's algorithm".into(),
         )),
     }
+}
+
+/// The global adapter a plan names, read from the daemon's blob store, and its size.
+fn download(
+    blobs: &Blobs,
+    blob: Option<BlobRef>,
+) -> Result<(AdapterWeights, u64), LocalError> {
+    let blob =
+        blob.ok_or_else(|| LocalError::Unsupported("an adapter plan without an adapter".into()))?;
+    let bytes = blobs.read(&blob.digest)?;
+    let global = decode_adapter(&bytes).map_err(|e| TrainError::Adapter(e.to_string()))?;
+    Ok((global, bytes.len() as u64))
+}
+
+/// Stores a trained adapter as the device's upload, and its size.
+fn upload(blobs: &Blobs, weights: &AdapterWeights) -> Result<(BlobRef, u64), LocalError> {
+    let encoded = encode_adapter(weights);
+    Ok((blobs.put(&encoded)?, encoded.len() as u64))
 }
 
 /// Bytes of a model's parameters as they sit in memory.

@@ -52,6 +52,21 @@ impl LoraSettings {
     }
 }
 
+/// The first global adapter of a run over `model`: fresh at the largest rank (A random, B
+/// zero), seeded by the run, so every device's first adapter is the same model of its rank.
+/// `None` when the configuration adapts no layer.
+pub fn initial_adapter(
+    model: fedtune_shared::model::Llama,
+    settings: &LoraSettings,
+) -> Option<AdapterWeights> {
+    let mut fresh = settings.lora.clone();
+    fresh.rank = settings.max_rank();
+    fedtune_shared::lora::attach::adapter_weights(
+        &fedtune_shared::lora::attach::attach_fresh(model, &fresh, settings.seed),
+        fresh.scaling,
+    )
+}
+
 /// What a device was given this round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Assignment {
