@@ -261,11 +261,7 @@ mod tests {
     }
 
     #[test]
-    fn fewer_shares_than_the_threshold_fit_every_secret() {
-        // With t − 1 shares, interpolating with any guessed constant term is consistent: the
-        // shares of two different secrets at the same points cannot be told apart in
-        // distribution; here we check the algebra: t − 1 shares plus a fake share at a new
-        // point give a valid-looking (different) secret rather than an error most of the time.
+    fn shares_round_trip_and_altered_shares_do_not_recover_the_secret() {
         let mut rng = ChaCha20Rng::seed_from_u64(8);
         let secret = [42u8; 32];
         let shares = split(&secret, 3, &[1, 2, 3, 4], &mut rng).expect("split");
