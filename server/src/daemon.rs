@@ -21,6 +21,7 @@ use fedtune_shared::protocol::{
 
 use crate::algorithm::fedkseed::FedKSeed;
 use crate::algorithm::lora::{Lora, LoraSettings};
+use crate::algorithm::combine::UpdateCombiner;
 use crate::algorithm::{AlgorithmError, RoundSummary, ServerAlgorithm};
 use crate::blobs::{BlobError, Blobs};
 use crate::config::{AlgorithmConfig, ServerConfig};
@@ -147,13 +148,16 @@ impl Core {
             }
         };
         let max_norm = config.validation.max_update_norm;
+        let combiner = UpdateCombiner::new(config.robust, config.privacy.dp)?;
         let algorithm: Box<dyn ServerAlgorithm> = match (&config.algorithm, store.state()?) {
-            (AlgorithmConfig::Fedkseed { run, batch_size }, None) => {
-                Box::new(FedKSeed::new(run.clone(), *batch_size, max_norm))
-            }
-            (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => {
-                Box::new(FedKSeed::restore(&bytes, *batch_size, max_norm)?)
-            }
+            (AlgorithmConfig::Fedkseed { run, batch_size }, None) => Box::new(
+                FedKSeed::new(run.clone(), *batch_size, max_norm).with_combiner(combiner),
+            ),
+            (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => Box::new(
+                FedKSeed::restore(&bytes, *batch_size, max_norm)?
+                    .with_combiner(combiner)
+                    .restore_dp(&bytes),
+            ),
             (
                 AlgorithmConfig::Lora {
                     lora,
@@ -174,10 +178,14 @@ impl Core {
                     max_norm,
                 };
                 match stored {
-                    Some(bytes) => Box::new(Lora::restore(settings, blobs.clone(), &bytes)?),
+                    Some(bytes) => Box::new(
+                        Lora::restore(settings, blobs.clone(), &bytes)?
+                            .with_combiner(combiner)
+                            .restore_dp(&bytes),
+                    ),
                     None => {
                         let initial = initial_adapter(&config, &settings)?;
-                        Box::new(Lora::new(settings, blobs.clone(), initial))
+                        Box::new(Lora::new(settings, blobs.clone(), initial).with_combiner(combiner))
                     }
                 }
             }
@@ -485,6 +493,7 @@ impl Core {
             samples = summary.samples,
             mean_loss = summary.mean_loss,
             aggregation_s = summary.aggregation_s,
+            epsilon = summary.privacy.map(|p| p.epsilon),
             "round finished"
         );
         Ok(summary)
