@@ -112,7 +112,7 @@ fn rule_rows(
         });
     }
     let mut dp = DpMechanism::new(DpConfig {
-        clip: ClipNorm::Fixed { norm: 1.0 },
+        clip: ClipNorm::fixed(1.0),
         noise_multiplier: 1.0,
         mode: NoiseMode::Central,
         delta: 1e-5,

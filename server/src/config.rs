@@ -417,6 +417,48 @@ mod tests {
     }
 
     #[test]
+    fn robust_and_privacy_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        let base = "state_dir = \"s\"\nmodel = \"m\"\n[rounds]\nclients_per_round = 10\nmin_reports = 8\n[algorithm]\nname = \"fedkseed\"\n";
+        std::fs::write(
+            &path,
+            format!("{base}[robust]\nrule = \"krum\"\nbyzantine = 2\n"),
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(
+            config.robust,
+            RobustRule::Krum {
+                byzantine: 2,
+                multi: 1
+            }
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "{base}[privacy.dp]\nnoise_multiplier = 1.1\ndelta = 1e-5\npopulation = 1000\n[privacy.dp.clip]\nnorm = 1.0\n[privacy.dp.clip.adaptive]\ntarget_quantile = 0.5\nlr = 0.2\n"
+            ),
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(config.privacy.dp.map(|d| d.noise_multiplier), Some(1.1));
+        // Krum with too few reports, DP together with a robust rule, and secure aggregation on
+        // the daemon are refused.
+        for extra in [
+            "[robust]\nrule = \"krum\"\nbyzantine = 4\n",
+            "[robust]\nrule = \"median\"\n[privacy.dp]\nnoise_multiplier = 1.0\ndelta = 1e-5\npopulation = 10\n[privacy.dp.clip]\nnorm = 1.0\n[privacy.dp.clip.adaptive]\ntarget_quantile = 0.5\nlr = 0.2\n",
+            "[privacy]\nsecure_aggregation = true\n",
+        ] {
+            std::fs::write(&path, format!("{base}{extra}")).unwrap();
+            assert!(
+                matches!(ServerConfig::load(&path), Err(ConfigError::Invalid(_))),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
     fn example_configs_parse() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
         for name in ["server.toml", "server-lora.toml"] {

@@ -245,3 +245,103 @@ impl ServerAlgorithm for FedKSeed {
         encode_body(&self.server).unwrap_or_default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fedtune_shared::privacy::clipping::ClipNorm;
+    use fedtune_shared::privacy::dp::DpConfig;
+    use fedtune_shared::privacy::gaussian::NoiseMode;
+    use fedtune_shared::protocol::LocalStats;
+
+    use super::*;
+
+    fn report(device: u8, seed_grads: Vec<(u32, f32)>) -> (DeviceId, Report) {
+        let stats = LocalStats {
+            samples: 4,
+            mean_loss: 2.0,
+            first_loss: 2.0,
+            loss_after: 2.0,
+            wall_s: 1.0,
+            peak_rss_bytes: None,
+        };
+        let payload = ReportPayload::FedKSeed(ClientReport {
+            round: 1,
+            seed_grads,
+            step_grads: Vec::new(),
+            samples: 4,
+        });
+        let report = Report {
+            run_id: 1,
+            round: 1,
+            stats,
+            payload,
+        };
+        (DeviceId([device; 16]), report)
+    }
+
+    fn run() -> ZoRunConfig {
+        ZoRunConfig {
+            k: 16,
+            tau: 4,
+            ..ZoRunConfig::default()
+        }
+    }
+
+    #[test]
+    fn median_ignores_a_poisoned_report() {
+        let mut algo = FedKSeed::new(run(), 1, None)
+            .with_combiner(UpdateCombiner::new(RobustRule::Median, None).expect("median"));
+        let reports = vec![
+            report(1, vec![(3, 1.0)]),
+            report(2, vec![(3, 1.2)]),
+            report(3, vec![(3, -1000.0), (5, 1000.0)]),
+        ];
+        for (d, r) in &reports {
+            algo.validate(*d, r).expect("valid");
+        }
+        let summary = algo.aggregate(&reports).expect("aggregate");
+        assert_eq!(summary.privacy, None);
+        let h = algo.server().history();
+        assert_eq!((h[3], h[5]), (1.0, 0.0));
+    }
+
+    #[test]
+    fn central_dp_reports_growing_epsilon_and_survives_a_restart() {
+        let dp = DpConfig {
+            clip: ClipNorm::fixed(1.0),
+            noise_multiplier: 1.0,
+            mode: NoiseMode::Central,
+            delta: 1e-5,
+            population: 100,
+        };
+        let combiner = || UpdateCombiner::new(RobustRule::Mean, Some(dp)).expect("dp");
+        let mut algo = FedKSeed::new(run(), 1, None).with_combiner(combiner());
+        let first = algo
+            .aggregate(&[report(1, vec![(3, 5.0)]), report(2, vec![(4, 0.5)])])
+            .expect("round 1")
+            .privacy
+            .expect("dp summary");
+        assert!(first.epsilon > 0.0 && first.noise_std == 1.0);
+        // Clipped to norm 1 and noised: the history cannot hold the raw 5.0 / 2.
+        assert!(algo.server().history().iter().all(|v| v.is_finite()));
+        let state = algo.state();
+        let restored = FedKSeed::restore(&state, 1, None)
+            .expect("restore")
+            .with_combiner(combiner())
+            .restore_dp(&state);
+        let mut restored = restored;
+        let mut second_reports = vec![report(1, vec![(3, 0.1)]), report(2, vec![(4, 0.1)])];
+        for (_, r) in &mut second_reports {
+            r.round = 2;
+            if let ReportPayload::FedKSeed(inner) = &mut r.payload {
+                inner.round = 2;
+            }
+        }
+        let second = restored
+            .aggregate(&second_reports)
+            .expect("round 2")
+            .privacy
+            .expect("dp summary");
+        assert!(second.epsilon > first.epsilon, "{second:?} vs {first:?}");
+    }
+}

@@ -24,26 +24,37 @@ pub fn clip_l2(x: &mut [f32], max_norm: f64) -> f64 {
     norm
 }
 
-/// How the clipping norm is chosen, as written in a configuration.
+/// How the clipping norm is chosen, as written in a configuration: `norm = 1.0` alone is a
+/// fixed norm; with `adaptive` it is the first round's norm.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ClipNorm {
+#[serde(deny_unknown_fields)]
+pub struct ClipNorm {
+    /// The (first round's) norm.
+    pub norm: f64,
+    /// Move the norm towards a quantile of the clients' update norms (`None`: fixed).
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveClip>,
+}
+
+impl ClipNorm {
     /// A fixed norm.
-    Fixed {
-        /// The norm.
-        norm: f64,
-    },
-    /// A norm that moves towards the `target_quantile` of the clients' update norms by the
-    /// geometric rule `C ← C · exp(−lr · (b − γ))`, where `b` is the fraction of clients whose
-    /// norm was at most `C`.
-    Adaptive {
-        /// The first round's norm.
-        initial: f64,
-        /// `γ`: the fraction of updates that should end unclipped.
-        target_quantile: f64,
-        /// `lr`: the step of the geometric update (Andrew et al. use 0.2).
-        lr: f64,
-    },
+    pub fn fixed(norm: f64) -> Self {
+        Self {
+            norm,
+            adaptive: None,
+        }
+    }
+}
+
+/// The geometric rule `C ← C · exp(−lr · (b − γ))`, where `b` is the fraction of clients whose
+/// norm was at most `C`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClip {
+    /// `γ`: the fraction of updates that should end unclipped.
+    pub target_quantile: f64,
+    /// `lr`: the step of the geometric update (Andrew et al. use 0.2).
+    pub lr: f64,
 }
 
 /// The clipping norm over a run.
@@ -56,11 +67,10 @@ pub struct Clipper {
 impl Clipper {
     /// A clipper starting at the rule's (initial) norm.
     pub fn new(rule: ClipNorm) -> Self {
-        let current = match rule {
-            ClipNorm::Fixed { norm } => norm,
-            ClipNorm::Adaptive { initial, .. } => initial,
-        };
-        Self { rule, current }
+        Self {
+            rule,
+            current: rule.norm,
+        }
     }
 
     /// The norm this round clips to.
@@ -77,11 +87,7 @@ impl Clipper {
     pub fn clip_round(&mut self, updates: &mut [Vec<f32>]) -> Vec<f64> {
         let c = self.current;
         let norms: Vec<f64> = updates.iter_mut().map(|u| clip_l2(u, c)).collect();
-        if let ClipNorm::Adaptive {
-            target_quantile,
-            lr,
-            ..
-        } = self.rule
+        if let Some(AdaptiveClip { target_quantile, lr }) = self.rule.adaptive
             && !norms.is_empty()
         {
             let b = norms.iter().filter(|&&n| n <= c).count() as f64 / norms.len() as f64;
@@ -107,10 +113,12 @@ mod tests {
 
     #[test]
     fn adaptive_norm_moves_towards_the_quantile() {
-        let mut clipper = Clipper::new(ClipNorm::Adaptive {
-            initial: 0.1,
-            target_quantile: 0.5,
-            lr: 0.2,
+        let mut clipper = Clipper::new(ClipNorm {
+            norm: 0.1,
+            adaptive: Some(AdaptiveClip {
+                target_quantile: 0.5,
+                lr: 0.2,
+            }),
         });
         // Norms 1..=10: the median is about 5.5; starting far below, the norm grows towards it.
         for _ in 0..200 {

@@ -49,20 +49,11 @@ impl DpConfig {
     /// [`DpError::Invalid`] for a non-positive norm or multiplier, δ outside (0, 1), a zero
     /// population, or an adaptive quantile outside [0, 1].
     pub fn validate(&self) -> Result<(), DpError> {
-        let norm_ok = match self.clip {
-            ClipNorm::Fixed { norm } => norm.is_finite() && norm > 0.0,
-            ClipNorm::Adaptive {
-                initial,
-                target_quantile,
-                lr,
-            } => {
-                initial.is_finite()
-                    && initial > 0.0
-                    && (0.0..=1.0).contains(&target_quantile)
-                    && lr.is_finite()
-                    && lr >= 0.0
-            }
-        };
+        let norm_ok = self.clip.norm.is_finite()
+            && self.clip.norm > 0.0
+            && self.clip.adaptive.is_none_or(|a| {
+                (0.0..=1.0).contains(&a.target_quantile) && a.lr.is_finite() && a.lr >= 0.0
+            });
         if !norm_ok {
             return Err(DpError::Invalid("clipping norm".into()));
         }
@@ -192,7 +183,7 @@ mod tests {
     #[test]
     fn private_mean_clips_noises_and_accounts() {
         let config = DpConfig {
-            clip: ClipNorm::Fixed { norm: 1.0 },
+            clip: ClipNorm::fixed(1.0),
             noise_multiplier: 1.0,
             mode: NoiseMode::Central,
             delta: 1e-5,
