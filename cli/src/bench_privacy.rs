@@ -118,7 +118,8 @@ fn rule_rows(
         delta: 1e-5,
         population: 10_000,
     })?;
-    let ((_, spent), s) = timed(|| dp.private_mean(vectors.to_vec(), &mut ChaCha8Rng::seed_from_u64(1)));
+    let ((_, spent), s) =
+        timed(|| dp.private_mean(vectors.to_vec(), &mut ChaCha8Rng::seed_from_u64(1)));
     rows.push(Row {
         workload,
         aggregation: format!(
@@ -142,10 +143,15 @@ fn secure_rows(
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let n = vectors.len();
-    for (label, dropped) in [("no drop-outs", 0usize), ("10% drop out before input", n / 10)] {
+    for (label, dropped) in [
+        ("no drop-outs", 0usize),
+        ("10% drop out before input", n / 10),
+    ] {
         let config = SecAggConfig::new(1, n, vectors[0].len(), clip, degree, 0.3)?;
         let dropouts = Dropouts {
-            before_input: (0..dropped as ClientId).map(|i| i * 7 % n as ClientId).collect(),
+            before_input: (0..dropped as ClientId)
+                .map(|i| i * 7 % n as ClientId)
+                .collect(),
             ..Dropouts::default()
         };
         let run = run_secure_sum(&config, vectors, &dropouts, 2)?;
@@ -206,7 +212,10 @@ pub fn run(clients: usize, degree: usize) -> Result<()> {
             seeds.dedup();
             ClientReport {
                 round: 1,
-                seed_grads: seeds.iter().map(|&s| (s, rng.random_range(-2.0..2.0))).collect(),
+                seed_grads: seeds
+                    .iter()
+                    .map(|&s| (s, rng.random_range(-2.0..2.0)))
+                    .collect(),
                 step_grads: Vec::new(),
                 samples: u64::from(TAU),
             }

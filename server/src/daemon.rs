@@ -19,9 +19,9 @@ use fedtune_shared::protocol::{
     DeviceId, Digest, ErrorCode, Plan, PollRequest, Report, Request, Response, WireError,
 };
 
+use crate::algorithm::combine::UpdateCombiner;
 use crate::algorithm::fedkseed::FedKSeed;
 use crate::algorithm::lora::{Lora, LoraSettings};
-use crate::algorithm::combine::UpdateCombiner;
 use crate::algorithm::{AlgorithmError, RoundSummary, ServerAlgorithm};
 use crate::blobs::{BlobError, Blobs};
 use crate::config::{AlgorithmConfig, ServerConfig};
@@ -150,9 +150,9 @@ impl Core {
         let max_norm = config.validation.max_update_norm;
         let combiner = UpdateCombiner::new(config.robust, config.privacy.dp)?;
         let algorithm: Box<dyn ServerAlgorithm> = match (&config.algorithm, store.state()?) {
-            (AlgorithmConfig::Fedkseed { run, batch_size }, None) => Box::new(
-                FedKSeed::new(run.clone(), *batch_size, max_norm).with_combiner(combiner),
-            ),
+            (AlgorithmConfig::Fedkseed { run, batch_size }, None) => {
+                Box::new(FedKSeed::new(run.clone(), *batch_size, max_norm).with_combiner(combiner))
+            }
             (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => Box::new(
                 FedKSeed::restore(&bytes, *batch_size, max_norm)?
                     .with_combiner(combiner)
@@ -185,7 +185,9 @@ impl Core {
                     ),
                     None => {
                         let initial = initial_adapter(&config, &settings)?;
-                        Box::new(Lora::new(settings, blobs.clone(), initial).with_combiner(combiner))
+                        Box::new(
+                            Lora::new(settings, blobs.clone(), initial).with_combiner(combiner),
+                        )
                     }
                 }
             }

@@ -30,8 +30,12 @@ fn sequences(offset: u32, count: u32) -> Vec<TrainExample> {
 /// Held-out loss of the global adapter before the first round and after each round.
 fn run(rule: RobustRule) -> Vec<f32> {
     let device = Device::flex().autodiff();
-    let base = Llama::load(&MemorySource::random(LlamaConfig::tiny(), 5), &device, |_, _| {})
-        .expect("tiny model");
+    let base = Llama::load(
+        &MemorySource::random(LlamaConfig::tiny(), 5),
+        &device,
+        |_, _| {},
+    )
+    .expect("tiny model");
     let lora = LoraConfig {
         rank: 4,
         scaling: LoraScaling {
@@ -49,7 +53,9 @@ fn run(rule: RobustRule) -> Vec<f32> {
         ..TrainConfig::default()
     };
     let data: Vec<Vec<TrainExample>> = (0..CLIENTS as u32).map(|c| sequences(c, 8)).collect();
-    let heldout: Vec<TrainExample> = (0..CLIENTS as u32).map(|c| sequences(c + 1, 1)[0].clone()).collect();
+    let heldout: Vec<TrainExample> = (0..CLIENTS as u32)
+        .map(|c| sequences(c + 1, 1)[0].clone())
+        .collect();
     let mut global = adapter_weights(&attach_fresh(base.clone(), &lora, 9), lora.scaling)
         .expect("adapters attached");
     let eval = |g: &_| {

@@ -139,7 +139,9 @@ fn a_single_masked_input_is_indistinguishable_from_uniform_noise() {
         clients.push(client);
     }
     for (id, msg) in server.close_advertisements().expect("graph") {
-        let bundle = clients[id as usize].handle_neighbour_keys(msg).expect("share");
+        let bundle = clients[id as usize]
+            .handle_neighbour_keys(msg)
+            .expect("share");
         server.handle_share_bundle(bundle).expect("bundle");
     }
     let forwarded = server.close_share_bundles().expect("forward");
@@ -162,7 +164,10 @@ fn a_single_masked_input_is_indistinguishable_from_uniform_noise() {
     // Every bit is set about half the time (binomial std of N/4 is 128; 6 std allowed).
     for bit in 0..32 {
         let ones = values.iter().filter(|v| (*v >> bit) & 1 == 1).count() as f64;
-        assert!((ones - N as f64 / 2.0).abs() < 6.0 * 128.0, "bit {bit}: {ones}");
+        assert!(
+            (ones - N as f64 / 2.0).abs() < 6.0 * 128.0,
+            "bit {bit}: {ones}"
+        );
     }
 }
 
@@ -177,7 +182,9 @@ fn the_server_cannot_ask_for_both_secrets_of_one_client() {
         clients.push(c);
     }
     for (id, msg) in server.close_advertisements().expect("graph") {
-        let bundle = clients[id as usize].handle_neighbour_keys(msg).expect("share");
+        let bundle = clients[id as usize]
+            .handle_neighbour_keys(msg)
+            .expect("share");
         server.handle_share_bundle(bundle).expect("bundle");
     }
     for (id, msg) in server.close_share_bundles().expect("forward") {
@@ -216,7 +223,10 @@ fn fedkseed_with_secure_aggregation_reaches_the_same_history() {
                 seeds.dedup();
                 ClientReport {
                     round,
-                    seed_grads: seeds.iter().map(|&s| (s, rng.random_range(-2.0..2.0))).collect(),
+                    seed_grads: seeds
+                        .iter()
+                        .map(|&s| (s, rng.random_range(-2.0..2.0)))
+                        .collect(),
                     step_grads: Vec::new(),
                     samples: 200,
                 }
@@ -253,8 +263,12 @@ fn lora_run_with_secure_aggregation_reaches_the_same_adapter() {
     use fedtune_shared::robust::flat::{adapter_delta, apply_adapter_delta};
 
     let device = Device::flex().autodiff();
-    let base = Llama::load(&MemorySource::random(LlamaConfig::tiny(), 5), &device, |_, _| {})
-        .expect("tiny model");
+    let base = Llama::load(
+        &MemorySource::random(LlamaConfig::tiny(), 5),
+        &device,
+        |_, _| {},
+    )
+    .expect("tiny model");
     let lora = LoraConfig {
         rank: 4,
         scaling: LoraScaling {
@@ -278,7 +292,8 @@ fn lora_run_with_secure_aggregation_reaches_the_same_adapter() {
                 .collect()
         })
         .collect();
-    let fresh = adapter_weights(&attach_fresh(base.clone(), &lora, 9), lora.scaling).expect("fresh");
+    let fresh =
+        adapter_weights(&attach_fresh(base.clone(), &lora, 9), lora.scaling).expect("fresh");
     let run = |secure: bool| {
         let mut global = fresh.clone();
         let mut rng = ChaCha8Rng::seed_from_u64(2);
@@ -300,7 +315,11 @@ fn lora_run_with_secure_aggregation_reaches_the_same_adapter() {
                     before_unmask: BTreeSet::new(),
                 };
                 let sum = run_secure_sum(&config, &deltas, &dropouts, round).expect("sum");
-                sum.result.sum.iter().map(|s| s / (CLIENTS - 1) as f32).collect()
+                sum.result
+                    .sum
+                    .iter()
+                    .map(|s| s / (CLIENTS - 1) as f32)
+                    .collect()
             } else {
                 let kept: Vec<&Vec<f32>> = deltas
                     .iter()
@@ -312,7 +331,10 @@ fn lora_run_with_secure_aggregation_reaches_the_same_adapter() {
                     .map(|j| kept.iter().map(|d| d[j]).sum::<f32>() / kept.len() as f32)
                     .collect()
             };
-            assert!(deltas.iter().flatten().all(|d| d.abs() < 0.5), "inside the clip range");
+            assert!(
+                deltas.iter().flatten().all(|d| d.abs() < 0.5),
+                "inside the clip range"
+            );
             global = apply_adapter_delta(&global, &mean).expect("apply");
         }
         global
@@ -330,5 +352,8 @@ fn lora_run_with_secure_aggregation_reaches_the_same_adapter() {
         .zip(fresh.layers.values())
         .flat_map(|(p, f)| p.b.iter().zip(&f.b).map(|(a, b)| (a - b).abs()))
         .fold(0.0f32, f32::max);
-    assert!(largest < 1e-4 && moved > 1e-3, "differ by {largest}, training moved {moved}");
+    assert!(
+        largest < 1e-4 && moved > 1e-3,
+        "differ by {largest}, training moved {moved}"
+    );
 }

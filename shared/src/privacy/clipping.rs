@@ -9,13 +9,18 @@ use serde::{Deserialize, Serialize};
 
 /// The L2 norm of `x`, accumulated in f64.
 pub fn l2_norm(x: &[f32]) -> f64 {
-    x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt()
+    x.iter()
+        .map(|&v| f64::from(v) * f64::from(v))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Scales `x` down to L2 norm `max_norm` if it is longer; returns the norm before clipping.
 /// Non-finite entries are zeroed first (a non-finite update has no meaningful direction).
 pub fn clip_l2(x: &mut [f32], max_norm: f64) -> f64 {
-    x.iter_mut().filter(|v| !v.is_finite()).for_each(|v| *v = 0.0);
+    x.iter_mut()
+        .filter(|v| !v.is_finite())
+        .for_each(|v| *v = 0.0);
     let norm = l2_norm(x);
     if norm > max_norm && norm > 0.0 {
         let scale = (max_norm / norm) as f32;
@@ -87,7 +92,10 @@ impl Clipper {
     pub fn clip_round(&mut self, updates: &mut [Vec<f32>]) -> Vec<f64> {
         let c = self.current;
         let norms: Vec<f64> = updates.iter_mut().map(|u| clip_l2(u, c)).collect();
-        if let Some(AdaptiveClip { target_quantile, lr }) = self.rule.adaptive
+        if let Some(AdaptiveClip {
+            target_quantile,
+            lr,
+        }) = self.rule.adaptive
             && !norms.is_empty()
         {
             let b = norms.iter().filter(|&&n| n <= c).count() as f64 / norms.len() as f64;

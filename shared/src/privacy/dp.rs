@@ -116,7 +116,10 @@ impl DpMechanism {
     /// The standard deviation each of at least `min_clients` clients adds in
     /// [`NoiseMode::Distributed`] at the current clipping norm.
     pub fn client_noise_std(&self, min_clients: usize) -> f64 {
-        distributed_share_std(self.config.noise_multiplier * self.clipper.norm(), min_clients)
+        distributed_share_std(
+            self.config.noise_multiplier * self.clipper.norm(),
+            min_clients,
+        )
     }
 
     /// The round's private mean of `updates`: each clipped, summed, noised (in
@@ -157,7 +160,9 @@ impl DpMechanism {
     pub fn record_round(&mut self, sampled: usize, clip_norm: f64) -> RoundPrivacy {
         let q = (sampled as f64 / self.config.population as f64).min(1.0);
         self.accountant.compose(q, self.config.noise_multiplier, 1);
-        let (epsilon, _) = self.accountant.epsilon(self.config.delta, Conversion::Improved);
+        let (epsilon, _) = self
+            .accountant
+            .epsilon(self.config.delta, Conversion::Improved);
         tracing::info!(
             epsilon,
             delta = self.config.delta,

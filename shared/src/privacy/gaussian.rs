@@ -54,7 +54,11 @@ mod tests {
         add_gaussian_noise(&mut x, 2.0, &mut rng);
         let n = x.len() as f64;
         let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-        let var = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
         assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
         assert!((var.sqrt() - 2.0).abs() < 0.03, "std {}", var.sqrt());
         // Ten clients' shares add up to the central standard deviation.

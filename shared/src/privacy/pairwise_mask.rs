@@ -68,9 +68,7 @@ impl KeyPair {
         a: u32,
         b: u32,
     ) -> Option<[u8; 32]> {
-        let shared = self
-            .secret
-            .diffie_hellman(&PublicKey::from(*peer_public));
+        let shared = self.secret.diffie_hellman(&PublicKey::from(*peer_public));
         if !shared.was_contributory() {
             return None;
         }

@@ -77,7 +77,11 @@ impl Quantizer {
         let scale = f64::from(self.levels) / (2.0 * c);
         x.iter()
             .map(|&v| {
-                let v = if v.is_nan() { 0.0 } else { f64::from(v).clamp(-c, c) };
+                let v = if v.is_nan() {
+                    0.0
+                } else {
+                    f64::from(v).clamp(-c, c)
+                };
                 ((v + c) * scale).round().min(f64::from(self.levels)) as u32
             })
             .collect()
@@ -102,7 +106,11 @@ mod tests {
     fn sum_of_quantized_values_dequantizes_within_the_bound() {
         let q = Quantizer::for_sum(2.0, 10).expect("quantizer");
         let inputs: Vec<Vec<f32>> = (0..10)
-            .map(|c| (0..50).map(|i| ((c * 50 + i) as f32 * 0.37).sin() * 1.9).collect())
+            .map(|c| {
+                (0..50)
+                    .map(|i| ((c * 50 + i) as f32 * 0.37).sin() * 1.9)
+                    .collect()
+            })
             .collect();
         let mut sum = vec![0u32; 50];
         for x in &inputs {

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pairwise_mask::{KeyPair, MaskSeed, MaskSign, apply_mask};
 use super::quantize::{QuantizeError, Quantizer};
-use super::shamir::{self, Share, ShamirError};
+use super::shamir::{self, ShamirError, Share};
 
 /// HKDF purpose of the pairwise masks.
 const MASK_PURPOSE: &[u8] = b"pairwise mask";
@@ -377,7 +377,10 @@ impl SecAggClient {
     ///
     /// [`SecAggError`] for a message out of phase, a neighbour list with this client, repeats
     /// or unusable keys, or a threshold that is not a majority of the neighbourhood.
-    pub fn handle_neighbour_keys(&mut self, msg: NeighbourKeys) -> Result<ShareBundle, SecAggError> {
+    pub fn handle_neighbour_keys(
+        &mut self,
+        msg: NeighbourKeys,
+    ) -> Result<ShareBundle, SecAggError> {
         self.expect(ClientPhase::AwaitingNeighbours)?;
         let mut neighbours = BTreeMap::new();
         for n in msg.neighbours {
@@ -398,17 +401,31 @@ impl SecAggClient {
         let b_shares = shamir::split(&self.self_seed, t, &points, &mut self.rng)?;
         let key_shares = shamir::split(&self.mask_keys.secret_bytes(), t, &points, &mut self.rng)?;
         let mut shares = Vec::with_capacity(neighbours.len());
-        for ((n, b), k) in neighbours.values().zip(&b_shares[1..]).zip(&key_shares[1..]) {
+        for ((n, b), k) in neighbours
+            .values()
+            .zip(&b_shares[1..])
+            .zip(&key_shares[1..])
+        {
             let key = self
                 .cipher_keys
-                .agree(&n.cipher_public, self.config.session, CIPHER_PURPOSE, self.id, n.id)
+                .agree(
+                    &n.cipher_public,
+                    self.config.session,
+                    CIPHER_PURPOSE,
+                    self.id,
+                    n.id,
+                )
                 .and_then(|k| share_key(&k))
                 .ok_or(SecAggError::BadKey(n.id))?;
             let mut sealed = Vec::with_capacity(SEALED_SHARE_BYTES);
             sealed.extend_from_slice(&b.to_bytes());
             sealed.extend_from_slice(&k.to_bytes());
-            key.seal_in_place_append_tag(nonce(self.id, n.id), aead::Aad::from(SHARE_AAD), &mut sealed)
-                .map_err(|_| SecAggError::BadKey(n.id))?;
+            key.seal_in_place_append_tag(
+                nonce(self.id, n.id),
+                aead::Aad::from(SHARE_AAD),
+                &mut sealed,
+            )
+            .map_err(|_| SecAggError::BadKey(n.id))?;
             shares.push(SealedShare {
                 from: self.id,
                 to: n.id,
@@ -449,12 +466,21 @@ impl SecAggClient {
             let Some(n) = self.neighbours.get(&s.from) else {
                 return Err(SecAggError::UnknownClient(s.from));
             };
-            if s.to != self.id || held.contains_key(&s.from) || s.sealed.len() != SEALED_SHARE_BYTES {
-                return Err(self.malformed("forwarded share is misaddressed, repeated or truncated"));
+            if s.to != self.id || held.contains_key(&s.from) || s.sealed.len() != SEALED_SHARE_BYTES
+            {
+                return Err(
+                    self.malformed("forwarded share is misaddressed, repeated or truncated")
+                );
             }
             let key = self
                 .cipher_keys
-                .agree(&n.cipher_public, self.config.session, CIPHER_PURPOSE, self.id, n.id)
+                .agree(
+                    &n.cipher_public,
+                    self.config.session,
+                    CIPHER_PURPOSE,
+                    self.id,
+                    n.id,
+                )
                 .and_then(|k| share_key(&k))
                 .ok_or(SecAggError::BadKey(n.id))?;
             let mut buf = s.sealed.clone();
@@ -468,7 +494,9 @@ impl SecAggClient {
                 .ok_or(SecAggError::Decrypt(s.from))?;
             held.insert(s.from, pair);
         }
-        let own = self.own_shares.ok_or_else(|| self.malformed("no own shares"))?;
+        let own = self
+            .own_shares
+            .ok_or_else(|| self.malformed("no own shares"))?;
         held.insert(self.id, own);
         if held.len() < self.threshold {
             return Err(SecAggError::TooFewClients {
@@ -482,7 +510,13 @@ impl SecAggClient {
             let peer = &self.neighbours[&v];
             let seed = self
                 .mask_keys
-                .agree(&peer.mask_public, self.config.session, MASK_PURPOSE, self.id, v)
+                .agree(
+                    &peer.mask_public,
+                    self.config.session,
+                    MASK_PURPOSE,
+                    self.id,
+                    v,
+                )
                 .ok_or(SecAggError::BadKey(v))?;
             apply_mask(&mut masked, &seed, MaskSign::pairwise(self.id, v));
         }
@@ -515,7 +549,11 @@ impl SecAggClient {
         {
             return Err(self.malformed("a client is named twice in the unmask request"));
         }
-        if let Some(&stranger) = survivors.iter().chain(&dropped).find(|c| !self.held.contains_key(c)) {
+        if let Some(&stranger) = survivors
+            .iter()
+            .chain(&dropped)
+            .find(|c| !self.held.contains_key(c))
+        {
             return Err(SecAggError::UnknownClient(stranger));
         }
         if !survivors.contains(&self.id) || survivors.len() < self.threshold {
@@ -717,9 +755,7 @@ impl SecAggServer {
     /// # Errors
     ///
     /// [`SecAggError::TooFewClients`] when a neighbourhood has fewer than `t` clients left.
-    pub fn close_share_bundles(
-        &mut self,
-    ) -> Result<Vec<(ClientId, ForwardedShares)>, SecAggError> {
+    pub fn close_share_bundles(&mut self) -> Result<Vec<(ClientId, ForwardedShares)>, SecAggError> {
         self.expect(ServerPhase::ShareKeys)?;
         let mut out: BTreeMap<ClientId, Vec<SealedShare>> =
             self.bundles.keys().map(|&c| (c, Vec::new())).collect();
@@ -882,7 +918,13 @@ impl SecAggServer {
             }
             for &w in self.graph[&v].iter().filter(|w| self.masked.contains(w)) {
                 let seed = keys
-                    .agree(&self.keys[&w].mask_public, self.config.session, MASK_PURPOSE, v, w)
+                    .agree(
+                        &self.keys[&w].mask_public,
+                        self.config.session,
+                        MASK_PURPOSE,
+                        v,
+                        w,
+                    )
                     .ok_or(SecAggError::BadKey(w))?;
                 // w added its mask for v with w's sign; take it back out.
                 apply_mask(&mut sum, &seed, MaskSign::pairwise(w, v).flip());

@@ -36,12 +36,17 @@ pub fn adapter_len(adapter: &AdapterWeights) -> usize {
 /// # Errors
 ///
 /// [`FlatError::ShapeMismatch`] unless both have the same rank, layers and shapes.
-pub fn adapter_delta(global: &AdapterWeights, client: &AdapterWeights) -> Result<Vec<f32>, FlatError> {
+pub fn adapter_delta(
+    global: &AdapterWeights,
+    client: &AdapterWeights,
+) -> Result<Vec<f32>, FlatError> {
     let same = global.rank == client.rank
         && global.layers.len() == client.layers.len()
-        && global.layers.iter().zip(&client.layers).all(|((ga, g), (ca, c))| {
-            ga == ca && g.a.len() == c.a.len() && g.b.len() == c.b.len()
-        });
+        && global
+            .layers
+            .iter()
+            .zip(&client.layers)
+            .all(|((ga, g), (ca, c))| ga == ca && g.a.len() == c.a.len() && g.b.len() == c.b.len());
     if !same {
         return Err(FlatError::ShapeMismatch);
     }
@@ -58,7 +63,10 @@ pub fn adapter_delta(global: &AdapterWeights, client: &AdapterWeights) -> Result
 /// # Errors
 ///
 /// [`FlatError::Length`] when `delta` does not have [`adapter_len`] values.
-pub fn apply_adapter_delta(global: &AdapterWeights, delta: &[f32]) -> Result<AdapterWeights, FlatError> {
+pub fn apply_adapter_delta(
+    global: &AdapterWeights,
+    delta: &[f32],
+) -> Result<AdapterWeights, FlatError> {
     let expected = adapter_len(global);
     if delta.len() != expected {
         return Err(FlatError::Length {

@@ -16,7 +16,9 @@ pub fn krum(updates: &[&[f32]], byzantine: usize, multi: usize) -> Result<Vec<f3
     if n <= 2 * byzantine + 2 || multi == 0 || multi > n - byzantine {
         return Err(RobustError::Unsupported {
             rule: "krum",
-            reason: format!("{n} updates, f = {byzantine}, m = {multi}: needs n > 2f + 2, 1 ≤ m ≤ n − f"),
+            reason: format!(
+                "{n} updates, f = {byzantine}, m = {multi}: needs n > 2f + 2, 1 ≤ m ≤ n − f"
+            ),
         });
     }
     let mut distance = vec![0.0f64; n * n];
@@ -53,7 +55,14 @@ mod tests {
 
     #[test]
     fn krum_picks_an_update_of_the_honest_cluster() {
-        let rows = [[0.0f32, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1], [9.0, 9.0], [9.5, 9.0]];
+        let rows = [
+            [0.0f32, 0.0],
+            [0.1, 0.0],
+            [0.0, 0.1],
+            [0.1, 0.1],
+            [9.0, 9.0],
+            [9.5, 9.0],
+        ];
         let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
         let out = krum(&refs, 1, 1).expect("krum");
         assert!(out.iter().all(|v| *v <= 0.1));

@@ -9,10 +9,7 @@ pub fn coordinate_median(updates: &[&[f32]]) -> Vec<f32> {
     let mut column = vec![0.0f32; n];
     (0..len)
         .map(|i| {
-            column
-                .iter_mut()
-                .zip(updates)
-                .for_each(|(c, u)| *c = u[i]);
+            column.iter_mut().zip(updates).for_each(|(c, u)| *c = u[i]);
             let mid = n / 2;
             let (lower, &mut upper, _) = column.select_nth_unstable_by(mid, f32::total_cmp);
             if n % 2 == 1 {

@@ -210,7 +210,10 @@ mod tests {
         let a = [1.0f32, 2.0];
         let b = [1.0f32];
         let nan = [f32::NAN, 0.0];
-        assert_eq!(RobustRule::Median.aggregate(&[], &[]), Err(RobustError::NoUpdates));
+        assert_eq!(
+            RobustRule::Median.aggregate(&[], &[]),
+            Err(RobustError::NoUpdates)
+        );
         assert!(matches!(
             RobustRule::Median.aggregate(&[&a, &b], &[]),
             Err(RobustError::LengthMismatch { index: 1, .. })

@@ -22,10 +22,7 @@ pub fn trimmed_mean(updates: &[&[f32]], trim: f64) -> Result<Vec<f32>, RobustErr
     let mut column = vec![0.0f32; n];
     Ok((0..len)
         .map(|i| {
-            column
-                .iter_mut()
-                .zip(updates)
-                .for_each(|(c, u)| *c = u[i]);
+            column.iter_mut().zip(updates).for_each(|(c, u)| *c = u[i]);
             column.sort_unstable_by(f32::total_cmp);
             let sum: f64 = column[cut..n - cut].iter().map(|&v| f64::from(v)).sum();
             (sum / kept as f64) as f32
