@@ -34,7 +34,7 @@ impl std::fmt::Debug for KeyPair {
 
 impl KeyPair {
     /// A fresh key pair from `rng`.
-    pub fn generate(rng: &mut (impl RngCore + CryptoRng)) -> Self {
+    pub fn generate(rng: &mut impl CryptoRng) -> Self {
         let mut bytes = [0u8; 32];
         rng.fill_bytes(&mut bytes);
         Self::from_secret_bytes(bytes)

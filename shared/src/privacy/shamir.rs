@@ -10,7 +10,7 @@
 //! for any candidate secret exactly one polynomial of degree t − 1 fits t − 1 points and it.
 //! Reduction modulo a Mersenne prime is two shifts and an add, so no big-integer code is needed.
 
-use rand::{CryptoRng, RngCore};
+use rand::CryptoRng;
 use serde::{Deserialize, Serialize};
 
 /// The field's prime, 2^61 − 1.
@@ -128,7 +128,7 @@ fn inv(a: u64) -> u64 {
 }
 
 /// A uniform field element: 61 random bits, redrawn in the rare case they equal p.
-fn random_element(rng: &mut (impl RngCore + CryptoRng)) -> u64 {
+fn random_element(rng: &mut impl CryptoRng) -> u64 {
     loop {
         let v = rng.next_u64() >> 3;
         if v < PRIME {
@@ -147,7 +147,7 @@ pub fn split(
     secret: &[u8; SECRET_BYTES],
     threshold: usize,
     points: &[u64],
-    rng: &mut (impl RngCore + CryptoRng),
+    rng: &mut impl CryptoRng,
 ) -> Result<Vec<Share>, ShamirError> {
     if threshold == 0 || threshold > points.len() {
         return Err(ShamirError::InvalidThreshold {
@@ -239,7 +239,7 @@ pub fn combine(shares: &[Share], threshold: usize) -> Result<[u8; SECRET_BYTES],
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
+    use rand::{RngCore, SeedableRng};
     use rand_chacha::ChaCha20Rng;
 
     #[test]
