@@ -2,6 +2,7 @@
 //! libraries.
 
 mod bench;
+mod bench_privacy;
 mod bench_server;
 mod bench_simulate;
 mod fedkseed;
@@ -237,6 +238,16 @@ enum BenchCommand {
     /// The simulation harness at scale: N virtual devices (1,000 by default) on a tiny model
     /// or SmolLM2; memory per idle device, peak memory and the harness's overhead per round.
     Simulate(bench_simulate::BenchSimulateArgs),
+    /// One round of N clients with secure aggregation, central DP and robust rules: bytes per
+    /// client and server time for LoRA r8 (SmolLM2-135M shapes) and FedKSeed K = 4096.
+    Privacy {
+        /// Clients in the round.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// SecAgg+ neighbours per client.
+        #[arg(long, default_value_t = 20)]
+        degree: usize,
+    },
     /// The daemon under load: N devices on N concurrent QUIC connections exchanging one
     /// FedKSeed round (K = 4096, τ = 200), in one process; a table per phase.
     Server {
@@ -470,6 +481,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { which } => match which {
             BenchCommand::Server { devices, json } => bench_server::run(devices, json)?,
             BenchCommand::Simulate(args) => bench_simulate::run(args)?,
+            BenchCommand::Privacy { clients, degree } => bench_privacy::run(clients, degree)?,
             BenchCommand::Forward {
                 model,
                 seq_len,

@@ -13,6 +13,8 @@ use fedtune_shared::prune::schedule::PruneSchedule;
 
 use crate::algorithm::fedspine::{DEFAULT_RANKS, DEFAULT_RATIOS};
 use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::privacy::dp::DpConfig;
+use fedtune_shared::robust::RobustRule;
 use fedtune_shared::zo::round::ZoRunConfig;
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +68,26 @@ pub struct ServerConfig {
     pub validation: ValidationSettings,
     /// The algorithm.
     pub algorithm: AlgorithmConfig,
+    /// How a round's updates are combined when some devices may be broken or malicious
+    /// (`[robust]`, `rule = "median"`, …; default: the algorithm's own mean).
+    #[serde(default)]
+    pub robust: RobustRule,
+    /// Differential privacy and secure aggregation (`[privacy]`).
+    #[serde(default)]
+    pub privacy: PrivacySettings,
+}
+
+/// `[privacy]`: differential privacy and secure aggregation.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacySettings {
+    /// Central DP (`[privacy.dp]`): the server clips every update, adds Gaussian noise to the
+    /// sum and logs ε after each round.
+    pub dp: Option<DpConfig>,
+    /// SecAgg+ (the server sees only the sum). Its state machines and in-process driver are in
+    /// `fedtune_shared::privacy`; the daemon's message flow does not carry its four phases
+    /// yet, so `true` is refused rather than silently ignored.
+    pub secure_aggregation: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -294,6 +316,8 @@ impl ServerConfig {
             rounds: RoundSettings::default(),
             validation: ValidationSettings::default(),
             algorithm,
+            robust: RobustRule::default(),
+            privacy: PrivacySettings::default(),
         }
     }
 
@@ -348,6 +372,7 @@ impl ServerConfig {
                 "validation.max_update_norm must be positive".into(),
             ));
         }
+        self.check_privacy()?;
         match &self.algorithm {
             AlgorithmConfig::Fedkseed { run, batch_size } => {
                 if run.k == 0 || run.tau == 0 || *batch_size == 0 {
@@ -403,6 +428,59 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// Checks `[robust]` and `[privacy]` against each other and the algorithm.
+    fn check_privacy(&self) -> Result<(), ConfigError> {
+        if self.privacy.secure_aggregation {
+            return Err(ConfigError::Invalid(
+                "privacy.secure_aggregation: the daemon does not run SecAgg+ over the network yet \
+                 (the simulation harness does, through fedtune_shared::privacy::secure_sum)"
+                    .into(),
+            ));
+        }
+        if let Some(dp) = &self.privacy.dp {
+            dp.validate()
+                .map_err(|e| ConfigError::Invalid(format!("privacy.dp: {e}")))?;
+            if dp.mode != fedtune_shared::privacy::gaussian::NoiseMode::Central {
+                return Err(ConfigError::Invalid(
+                    "privacy.dp.mode: the daemon adds noise centrally; distributed noise needs \
+                     secure aggregation"
+                        .into(),
+                ));
+            }
+            if self.robust != RobustRule::Mean {
+                // The noise is calibrated to one client's influence on a mean, not a median.
+                return Err(ConfigError::Invalid(
+                    "privacy.dp and a robust rule cannot be combined".into(),
+                ));
+            }
+        }
+        let rule_ok = match self.robust {
+            RobustRule::Mean | RobustRule::Median => true,
+            RobustRule::TrimmedMean { trim } => (0.0..0.5).contains(&trim),
+            RobustRule::NormBound { max_norm } => max_norm.is_finite() && max_norm > 0.0,
+            RobustRule::Krum { byzantine, multi } => {
+                self.rounds.min_reports > 2 * byzantine + 2 && multi >= 1
+            }
+        };
+        if !rule_ok {
+            return Err(ConfigError::Invalid(format!(
+                "robust: {} settings out of range (krum needs rounds.min_reports > 2f + 2)",
+                self.robust.name()
+            )));
+        }
+        let needs_flat = self.robust != RobustRule::Mean || self.privacy.dp.is_some();
+        if let AlgorithmConfig::Lora { ranks, .. } = &self.algorithm
+            && needs_flat
+            && ranks.iter().any(|&r| Some(&r) != ranks.iter().max())
+        {
+            // Robust rules and DP compare updates coordinate by coordinate: one shape.
+            return Err(ConfigError::Invalid(
+                "lora: robust aggregation and DP need a single rank (ranks = [r])".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// The address devices are told to use.
     pub fn public_address(&self) -> SocketAddr {
         self.public_address.unwrap_or(self.listen)
@@ -441,6 +519,48 @@ mod tests {
             ServerConfig::load(&path),
             Err(ConfigError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn robust_and_privacy_sections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        let base = "state_dir = \"s\"\nmodel = \"m\"\n[rounds]\nclients_per_round = 10\nmin_reports = 8\n[algorithm]\nname = \"fedkseed\"\n";
+        std::fs::write(
+            &path,
+            format!("{base}[robust]\nrule = \"krum\"\nbyzantine = 2\n"),
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(
+            config.robust,
+            RobustRule::Krum {
+                byzantine: 2,
+                multi: 1
+            }
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "{base}[privacy.dp]\nnoise_multiplier = 1.1\ndelta = 1e-5\npopulation = 1000\n[privacy.dp.clip]\nnorm = 1.0\n[privacy.dp.clip.adaptive]\ntarget_quantile = 0.5\nlr = 0.2\n"
+            ),
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert_eq!(config.privacy.dp.map(|d| d.noise_multiplier), Some(1.1));
+        // Krum with too few reports, DP together with a robust rule, and secure aggregation on
+        // the daemon are refused.
+        for extra in [
+            "[robust]\nrule = \"krum\"\nbyzantine = 4\n",
+            "[robust]\nrule = \"median\"\n[privacy.dp]\nnoise_multiplier = 1.0\ndelta = 1e-5\npopulation = 10\n[privacy.dp.clip]\nnorm = 1.0\n[privacy.dp.clip.adaptive]\ntarget_quantile = 0.5\nlr = 0.2\n",
+            "[privacy]\nsecure_aggregation = true\n",
+        ] {
+            std::fs::write(&path, format!("{base}{extra}")).unwrap();
+            assert!(
+                matches!(ServerConfig::load(&path), Err(ConfigError::Invalid(_))),
+                "{extra}"
+            );
+        }
     }
 
     #[test]

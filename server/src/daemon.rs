@@ -19,6 +19,7 @@ use fedtune_shared::protocol::{
     DeviceId, Digest, ErrorCode, Plan, PollRequest, Report, Request, Response, WireError,
 };
 
+use crate::algorithm::combine::UpdateCombiner;
 use crate::algorithm::fedkseed::FedKSeed;
 use crate::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use crate::algorithm::lora::{Lora, LoraSettings};
@@ -149,20 +150,29 @@ impl Core {
             }
         };
         let max_norm = config.validation.max_update_norm;
+        let combiner = UpdateCombiner::new(config.robust, config.privacy.dp)?;
         let algorithm: Box<dyn ServerAlgorithm> = match (&config.algorithm, store.state()?) {
             (AlgorithmConfig::Fedkseed { run, batch_size }, None) => {
-                Box::new(FedKSeed::new(run.clone(), *batch_size, max_norm))
+                Box::new(FedKSeed::new(run.clone(), *batch_size, max_norm).with_combiner(combiner))
             }
-            (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => {
-                Box::new(FedKSeed::restore(&bytes, *batch_size, max_norm)?)
-            }
+            (AlgorithmConfig::Fedkseed { batch_size, .. }, Some(bytes)) => Box::new(
+                FedKSeed::restore(&bytes, *batch_size, max_norm)?
+                    .with_combiner(combiner)
+                    .restore_dp(&bytes),
+            ),
             (AlgorithmConfig::Lora { .. }, stored) => {
                 let settings = lora_settings(&config, max_norm)?;
                 match stored {
-                    Some(bytes) => Box::new(Lora::restore(settings, blobs.clone(), &bytes)?),
+                    Some(bytes) => Box::new(
+                        Lora::restore(settings, blobs.clone(), &bytes)?
+                            .with_combiner(combiner)
+                            .restore_dp(&bytes),
+                    ),
                     None => {
                         let (initial, _) = initial_adapter(&config, &settings)?;
-                        Box::new(Lora::new(settings, blobs.clone(), initial))
+                        Box::new(
+                            Lora::new(settings, blobs.clone(), initial).with_combiner(combiner),
+                        )
                     }
                 }
             }
@@ -172,6 +182,13 @@ impl Core {
                 },
                 stored,
             ) => {
+                // Masked aggregation has no robust or private variant yet: refusing beats
+                // silently aggregating in the clear.
+                if !combiner.is_plain() {
+                    return Err(DaemonError::Mismatch(
+                        "[robust] and [privacy.dp] are not available for FedSpine yet".into(),
+                    ));
+                }
                 let lora = lora_settings(&config, max_norm)?;
                 // The model is read either way: its layer shapes check every report.
                 let (initial, shapes) = initial_adapter(&config, &lora)?;
@@ -490,6 +507,7 @@ impl Core {
             samples = summary.samples,
             mean_loss = summary.mean_loss,
             aggregation_s = summary.aggregation_s,
+            epsilon = summary.privacy.map(|p| p.epsilon),
             "round finished"
         );
         Ok(summary)

@@ -17,8 +17,10 @@ pub mod model;
 pub mod noise;
 pub mod peak_memory;
 pub mod pretrained;
+pub mod privacy;
 pub mod protocol;
 pub mod prune;
+pub mod robust;
 pub mod tokenizer;
 #[cfg(feature = "net")]
 pub mod transport;

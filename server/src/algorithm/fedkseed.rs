@@ -4,9 +4,14 @@
 
 use std::time::Instant;
 
+use fedtune_shared::privacy::dp::DpMechanism;
+use fedtune_shared::protocol::frame::{decode_body, encode_body};
 use fedtune_shared::protocol::{DeviceId, Report, ReportPayload, Task};
+use fedtune_shared::robust::RobustRule;
+use fedtune_shared::robust::flat::dense_seed_grads;
 use fedtune_shared::zo::round::{ClientReport, ReportError, ZoRunConfig, ZoServer};
 
+use super::combine::UpdateCombiner;
 use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
 
 /// FedKSeed's server side.
@@ -15,6 +20,7 @@ pub struct FedKSeed {
     server: ZoServer,
     batch_size: usize,
     max_norm: Option<f64>,
+    combiner: UpdateCombiner,
 }
 
 impl FedKSeed {
@@ -24,7 +30,27 @@ impl FedKSeed {
             server: ZoServer::new(run),
             batch_size,
             max_norm,
+            combiner: plain_combiner(),
         }
+    }
+
+    /// The same run combining updates with `combiner` (a robust rule or central DP) instead of
+    /// FedKSeed's sample-weighted mean. Call it before [`Self::restore_dp`].
+    pub fn with_combiner(mut self, combiner: UpdateCombiner) -> Self {
+        self.combiner = combiner;
+        self
+    }
+
+    /// Restores the DP state stored with `bytes` by [`ServerAlgorithm::state`] when DP is on.
+    /// A run that turns DP on mid-way starts its accountant at zero (logged).
+    pub fn restore_dp(mut self, bytes: &[u8]) -> Self {
+        if self.combiner.dp_state().is_some() {
+            match decode_body::<(ZoServer, DpMechanism)>(bytes) {
+                Ok((_, dp)) => self.combiner.restore_dp(dp),
+                Err(_) => tracing::warn!("no stored DP state: epsilon counts from this round"),
+            }
+        }
+        self
     }
 
     /// A run restored from [`ServerAlgorithm::state`] bytes.
@@ -33,12 +59,16 @@ impl FedKSeed {
         batch_size: usize,
         max_norm: Option<f64>,
     ) -> Result<Self, AlgorithmError> {
-        let server: ZoServer = fedtune_shared::protocol::frame::decode_body(bytes)
-            .map_err(|e| AlgorithmError::Corrupt(e.to_string()))?;
+        // With DP on, the state is (history, DP state); without, the history alone.
+        let server: ZoServer = match decode_body::<(ZoServer, DpMechanism)>(bytes) {
+            Ok((server, _)) => server,
+            Err(_) => decode_body(bytes).map_err(|e| AlgorithmError::Corrupt(e.to_string()))?,
+        };
         Ok(Self {
             server,
             batch_size,
             max_norm,
+            combiner: plain_combiner(),
         })
     }
 
@@ -46,6 +76,11 @@ impl FedKSeed {
     pub fn server(&self) -> &ZoServer {
         &self.server
     }
+}
+
+fn plain_combiner() -> UpdateCombiner {
+    // The plain mean without DP cannot fail to build.
+    UpdateCombiner::new(RobustRule::Mean, None).unwrap_or_else(|_| unreachable!())
 }
 
 fn report_of(report: &Report) -> Result<&ClientReport, Rejection> {
@@ -175,21 +210,138 @@ impl ServerAlgorithm for FedKSeed {
         // On a copy, so that a failure leaves the state as it was (the round stays closing and
         // is retried, never half-applied).
         let mut next = self.server.clone();
-        let (_delta, rejected) = next.aggregate(&inner);
-        if let Some((_, e)) = rejected.first() {
-            // Reports were validated on arrival; a failure here is a bug, not a device's fault.
-            return Err(AlgorithmError::Aggregation(e.to_string()));
+        if self.combiner.is_plain() {
+            let (_delta, rejected) = next.aggregate(&inner);
+            if let Some((_, e)) = rejected.first() {
+                // Reports were validated on arrival; a failure here is a bug, not a device's.
+                return Err(AlgorithmError::Aggregation(e.to_string()));
+            }
+            self.server = next;
+            return Ok(RoundSummary::of(round, reports, start));
         }
+        let k = self.server.config().k;
+        let dense: Vec<Vec<f32>> = inner.iter().map(|r| dense_seed_grads(r, k)).collect();
+        let weights: Vec<f64> = inner.iter().map(|r| r.samples as f64).collect();
+        let mut combiner = self.combiner.clone();
+        let (mean, privacy) = combiner.combine(dense, &weights)?;
+        next.apply_mean(&inner, &mean);
         self.server = next;
-        Ok(RoundSummary::of(round, reports, start))
+        self.combiner = combiner;
+        Ok(RoundSummary {
+            privacy,
+            ..RoundSummary::of(round, reports, start)
+        })
     }
 
     fn state(&self) -> Vec<u8> {
         // The history is plain numbers: it always encodes.
-        fedtune_shared::protocol::frame::encode_body(&self.server).unwrap_or_default()
+        match self.combiner.dp_state() {
+            Some(dp) => encode_body(&(&self.server, dp)).unwrap_or_default(),
+            None => encode_body(&self.server).unwrap_or_default(),
+        }
     }
 
     fn checkpoint(&self) -> Vec<u8> {
-        self.state()
+        encode_body(&self.server).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtune_shared::privacy::clipping::ClipNorm;
+    use fedtune_shared::privacy::dp::DpConfig;
+    use fedtune_shared::privacy::gaussian::NoiseMode;
+    use fedtune_shared::protocol::LocalStats;
+
+    use super::*;
+
+    fn report(device: u8, seed_grads: Vec<(u32, f32)>) -> (DeviceId, Report) {
+        let stats = LocalStats {
+            samples: 4,
+            mean_loss: 2.0,
+            first_loss: 2.0,
+            loss_after: 2.0,
+            wall_s: 1.0,
+            peak_rss_bytes: None,
+        };
+        let payload = ReportPayload::FedKSeed(ClientReport {
+            round: 1,
+            seed_grads,
+            step_grads: Vec::new(),
+            samples: 4,
+        });
+        let report = Report {
+            run_id: 1,
+            round: 1,
+            stats,
+            payload,
+        };
+        (DeviceId([device; 16]), report)
+    }
+
+    fn run() -> ZoRunConfig {
+        ZoRunConfig {
+            k: 16,
+            tau: 4,
+            ..ZoRunConfig::default()
+        }
+    }
+
+    #[test]
+    fn median_ignores_a_poisoned_report() {
+        let mut algo = FedKSeed::new(run(), 1, None)
+            .with_combiner(UpdateCombiner::new(RobustRule::Median, None).expect("median"));
+        let reports = vec![
+            report(1, vec![(3, 1.0)]),
+            report(2, vec![(3, 1.2)]),
+            report(3, vec![(3, -1000.0), (5, 1000.0)]),
+        ];
+        for (d, r) in &reports {
+            algo.validate(*d, r).expect("valid");
+        }
+        let summary = algo.aggregate(&reports).expect("aggregate");
+        assert_eq!(summary.privacy, None);
+        let h = algo.server().history();
+        assert_eq!((h[3], h[5]), (1.0, 0.0));
+    }
+
+    #[test]
+    fn central_dp_reports_growing_epsilon_and_survives_a_restart() {
+        let dp = DpConfig {
+            clip: ClipNorm::fixed(1.0),
+            noise_multiplier: 1.0,
+            mode: NoiseMode::Central,
+            delta: 1e-5,
+            population: 100,
+        };
+        let combiner = || UpdateCombiner::new(RobustRule::Mean, Some(dp)).expect("dp");
+        let mut algo = FedKSeed::new(run(), 1, None).with_combiner(combiner());
+        let first = algo
+            .aggregate(&[report(1, vec![(3, 5.0)]), report(2, vec![(4, 0.5)])])
+            .expect("round 1")
+            .privacy
+            .expect("dp summary");
+        assert!(first.epsilon > 0.0 && first.noise_std == 1.0);
+        // Clipped to norm 1 and noised: the history cannot hold the raw 5.0 / 2.
+        assert!(algo.server().history().iter().all(|v| v.is_finite()));
+        let state = algo.state();
+        let restored = FedKSeed::restore(&state, 1, None)
+            .expect("restore")
+            .with_combiner(combiner())
+            .restore_dp(&state);
+        let mut restored = restored;
+        let mut second_reports = vec![report(1, vec![(3, 0.1)]), report(2, vec![(4, 0.1)])];
+        for (_, r) in &mut second_reports {
+            r.round = 2;
+            if let ReportPayload::FedKSeed(inner) = &mut r.payload {
+                inner.round = 2;
+            }
+        }
+        let second = restored
+            .aggregate(&second_reports)
+            .expect("round 2")
+            .privacy
+            .expect("dp summary");
+        assert!(second.epsilon > first.epsilon, "{second:?} vs {first:?}");
     }
 }

@@ -17,13 +17,17 @@ use fedtune_shared::lora::aggregation::{AggregationStrategy, ClientAdapter};
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::federation::{adapter_for_rank, aggregate_to_rank};
 use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::privacy::dp::DpMechanism;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::frame::{decode_body, encode_body};
 use fedtune_shared::protocol::{
     BlobRef, DeviceId, LocalStats, LoraTask, Report, ReportPayload, Task,
 };
+use fedtune_shared::robust::RobustRule;
+use fedtune_shared::robust::flat::{adapter_delta, apply_adapter_delta};
 use serde::{Deserialize, Serialize};
 
+use super::combine::UpdateCombiner;
 use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
 use crate::blobs::Blobs;
 
@@ -93,6 +97,12 @@ pub struct Lora {
     settings: LoraSettings,
     blobs: Blobs,
     state: State,
+    combiner: UpdateCombiner,
+}
+
+fn plain_combiner() -> UpdateCombiner {
+    // The plain mean without DP cannot fail to build.
+    UpdateCombiner::new(RobustRule::Mean, None).unwrap_or_else(|_| unreachable!())
 }
 
 impl Lora {
@@ -109,7 +119,28 @@ impl Lora {
                 assigned: BTreeMap::new(),
                 stale: Vec::new(),
             },
+            combiner: plain_combiner(),
         }
+    }
+
+    /// The same run combining adapter updates (adapter minus the global adapter) with
+    /// `combiner` (a robust rule or central DP) instead of the strategy's averaging; every
+    /// device must train at the global rank. Call it before [`Self::restore_dp`].
+    pub fn with_combiner(mut self, combiner: UpdateCombiner) -> Self {
+        self.combiner = combiner;
+        self
+    }
+
+    /// Restores the DP state stored with `bytes` by [`ServerAlgorithm::state`] when DP is on.
+    /// A run that turns DP on mid-way starts its accountant at zero (logged).
+    pub fn restore_dp(mut self, bytes: &[u8]) -> Self {
+        if self.combiner.dp_state().is_some() {
+            match decode_body::<(State, DpMechanism)>(bytes) {
+                Ok((_, dp)) => self.combiner.restore_dp(dp),
+                Err(_) => tracing::warn!("no stored DP state: epsilon counts from this round"),
+            }
+        }
+        self
     }
 
     /// A run restored from [`ServerAlgorithm::state`] bytes.
@@ -118,12 +149,16 @@ impl Lora {
         blobs: Blobs,
         bytes: &[u8],
     ) -> Result<Self, AlgorithmError> {
-        let state: State =
-            decode_body(bytes).map_err(|e| AlgorithmError::Corrupt(e.to_string()))?;
+        // With DP on, the state is (state, DP state); without, the state alone.
+        let state: State = match decode_body::<(State, DpMechanism)>(bytes) {
+            Ok((state, _)) => state,
+            Err(_) => decode_body(bytes).map_err(|e| AlgorithmError::Corrupt(e.to_string()))?,
+        };
         Ok(Self {
             settings,
             blobs,
             state,
+            combiner: plain_combiner(),
         })
     }
 
@@ -411,13 +446,29 @@ impl ServerAlgorithm for Lora {
             }
             *next.steps.entry(*device).or_default() += self.settings.local_steps;
         }
-        next.global = aggregate_to_rank(
-            self.settings.strategy,
-            &uploads,
-            self.settings.max_rank(),
-            &self.state.global,
-        )
-        .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+        let mut combiner = self.combiner.clone();
+        let mut privacy = None;
+        next.global = if combiner.is_plain() {
+            aggregate_to_rank(
+                self.settings.strategy,
+                &uploads,
+                self.settings.max_rank(),
+                &self.state.global,
+            )
+            .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?
+        } else {
+            let global = &self.state.global;
+            let deltas = uploads
+                .iter()
+                .map(|u| adapter_delta(global, &u.weights))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+            let weights: Vec<f64> = uploads.iter().map(|u| u.samples as f64).collect();
+            let (mean, spent) = combiner.combine(deltas, &weights)?;
+            privacy = spent;
+            apply_adapter_delta(global, &mean)
+                .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?
+        };
         reward_bandits(&mut next.bandits, &observations);
         // Blobs of the round before are no longer referenced by any stored report.
         for stale in std::mem::take(&mut next.stale) {
@@ -428,13 +479,20 @@ impl ServerAlgorithm for Lora {
         next.assigned.clear();
         next.round += 1;
         self.state = next;
+        self.combiner = combiner;
         tracing::info!(round, ranks = ?reports.len(), "LoRA round aggregated");
-        Ok(RoundSummary::of(round, reports, start))
+        Ok(RoundSummary {
+            privacy,
+            ..RoundSummary::of(round, reports, start)
+        })
     }
 
     fn state(&self) -> Vec<u8> {
         // Plain numbers: always encodes.
-        encode_body(&self.state).unwrap_or_default()
+        match self.combiner.dp_state() {
+            Some(dp) => encode_body(&(&self.state, dp)).unwrap_or_default(),
+            None => encode_body(&self.state).unwrap_or_default(),
+        }
     }
 
     fn checkpoint(&self) -> Vec<u8> {

@@ -2,10 +2,12 @@
 //! report, aggregate a round's reports into the next global state. The daemon never looks
 //! inside the algorithm's state; it stores the bytes [`ServerAlgorithm::state`] gives it.
 
+pub mod combine;
 pub mod fedkseed;
 pub mod fedspine;
 pub mod lora;
 
+use fedtune_shared::privacy::dp::RoundPrivacy;
 use fedtune_shared::protocol::{DeviceId, ErrorCode, Report, Task, WireError};
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +62,8 @@ pub struct RoundSummary {
     pub mean_loss: f32,
     /// Seconds the aggregation took.
     pub aggregation_s: f64,
+    /// What differential privacy spent (ε so far for the configured δ); `None` without DP.
+    pub privacy: Option<RoundPrivacy>,
 }
 
 impl RoundSummary {
@@ -72,6 +76,7 @@ impl RoundSummary {
             samples,
             mean_loss,
             aggregation_s: started.elapsed().as_secs_f64(),
+            privacy: None,
         }
     }
 }

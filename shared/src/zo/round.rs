@@ -277,6 +277,33 @@ impl ZoServer {
             }
         }
         let changes: BTreeMap<u32, f32> = changes.into_iter().map(|(s, v)| (s, v as f32)).collect();
+        (self.close_round(changes), rejected)
+    }
+
+    /// Closes the round with a combined update computed elsewhere (a robust rule, a DP mean or
+    /// a secure sum over the dense K-vectors of `reports`): `mean[s]` is `ΔH[s]`. `reports`
+    /// (validated by the caller) only feed FedKSeed-Pro's per-seed history. Entries beyond K
+    /// are ignored.
+    pub fn apply_mean(&mut self, reports: &[ClientReport], mean: &[f32]) -> HistoryDelta {
+        for report in reports {
+            for &(s, g) in &report.step_grads {
+                if let Some(h) = self.pro_history.get_mut(s as usize) {
+                    h.push(g);
+                }
+            }
+        }
+        let changes: BTreeMap<u32, f32> = mean
+            .iter()
+            .take(self.config.k as usize)
+            .enumerate()
+            .filter(|&(_, &v)| v != 0.0 && v.is_finite())
+            .map(|(s, &v)| (s as u32, v))
+            .collect();
+        self.close_round(changes)
+    }
+
+    /// Applies a round's changes to `H`, records the delta and advances.
+    fn close_round(&mut self, changes: BTreeMap<u32, f32>) -> HistoryDelta {
         for (&s, &v) in &changes {
             self.history[s as usize] += v;
         }
@@ -286,7 +313,7 @@ impl ZoServer {
         };
         self.deltas.push(delta.clone());
         self.round += 1;
-        (delta, rejected)
+        delta
     }
 }
 
