@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use fedtune_server::config::AlgorithmConfig;
+use fedtune_server::config::{AlgorithmConfig, PrivacySettings};
+use fedtune_shared::robust::RobustRule;
 use fedtune_shared::data::instructions::InstructionFields;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
@@ -165,6 +166,12 @@ pub struct RunConfig {
     pub label: String,
     /// The algorithm and its hyper-parameters, as in the daemon's configuration.
     pub algorithm: AlgorithmConfig,
+    /// How the round's updates are combined (`rule = "median"`, …), as the daemon's `[robust]`.
+    #[serde(default)]
+    pub robust: RobustRule,
+    /// Central differential privacy, as the daemon's `[privacy]`.
+    #[serde(default)]
+    pub privacy: PrivacySettings,
 }
 
 fn default_model() -> String {
@@ -268,6 +275,12 @@ impl SimulationConfig {
             if !labels.insert(&run.label) {
                 return bad("two runs have the same label");
             }
+            if run.privacy.secure_aggregation {
+                return bad(
+                    "secure aggregation is not in the harness's rounds yet (its in-process driver \
+                     is fedtune_shared::privacy::secure_sum)",
+                );
+            }
         }
         if !(0.0..1.0).contains(&self.partition.heldout_fraction) {
             return bad("heldout_fraction must be in [0, 1)");
@@ -334,6 +347,8 @@ impl SimulationConfig {
                         },
                         batch_size: 1,
                     },
+                    robust: RobustRule::default(),
+                    privacy: PrivacySettings::default(),
                 },
                 RunConfig {
                     label: "flexlora".into(),
@@ -349,6 +364,8 @@ impl SimulationConfig {
                         local_steps: steps,
                         strategy: AggregationStrategy::FlexLora,
                     },
+                    robust: RobustRule::default(),
+                    privacy: PrivacySettings::default(),
                 },
             ],
         }

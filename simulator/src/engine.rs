@@ -12,6 +12,7 @@ use fedtune_client::trainer::FedKSeedModel;
 use fedtune_server::algorithm::fedkseed::FedKSeed;
 use fedtune_server::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use fedtune_server::algorithm::lora::{Lora, LoraSettings};
+use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
 use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_server::config::AlgorithmConfig;
@@ -97,19 +98,39 @@ impl Driver {
         seed: u64,
         max_norm: Option<f64>,
     ) -> Result<Self, EngineError> {
+        Self::with_combiner(config, base, blobs, seed, max_norm, UpdateCombiner::default())
+    }
+
+    /// [`Self::new`] with the daemon's `[robust]` / `[privacy]` combination of updates.
+    pub fn with_combiner(
+        config: &AlgorithmConfig,
+        base: &Llama,
+        blobs: Blobs,
+        seed: u64,
+        max_norm: Option<f64>,
+        combiner: UpdateCombiner,
+    ) -> Result<Self, EngineError> {
         match config {
             AlgorithmConfig::Fedkseed { run, batch_size } => Ok(Self::FedKSeed {
-                algorithm: FedKSeed::new(run.clone(), *batch_size, max_norm),
+                algorithm: FedKSeed::new(run.clone(), *batch_size, max_norm)
+                    .with_combiner(combiner),
                 model: FedKSeedModel::new(base.valid()),
             }),
             AlgorithmConfig::Lora { .. } => {
                 let settings = lora_settings(config, seed, max_norm)?;
                 let initial = initial_adapter(base, &settings)?;
-                Ok(Self::Lora(Lora::new(settings, blobs, initial)))
+                Ok(Self::Lora(
+                    Lora::new(settings, blobs, initial).with_combiner(combiner),
+                ))
             }
             AlgorithmConfig::FedSpine {
                 ratios, schedule, ..
             } => {
+                if !combiner.is_plain() {
+                    return Err(EngineError::Invalid(
+                        "robust and private combination are not available for FedSpine yet".into(),
+                    ));
+                }
                 let settings = lora_settings(config, seed, max_norm)?;
                 let initial = initial_adapter(base, &settings)?;
                 let settings = FedSpineSettings {
@@ -338,11 +359,12 @@ pub fn run_in_process(
             reports.push((attempt.device, report));
         }
         reports.sort_by_key(|(device, _)| *device);
-        let train_loss = if reports.is_empty() {
+        let (train_loss, epsilon) = if reports.is_empty() {
             tracing::warn!(round, "no report this round; the global model stays");
-            f32::NAN
+            (f32::NAN, None)
         } else {
-            driver.algorithm().aggregate(&reports)?.mean_loss
+            let summary = driver.algorithm().aggregate(&reports)?;
+            (summary.mean_loss, summary.privacy.map(|p| p.epsilon))
         };
         sim_time += round_time;
         total_bytes += bytes_up + bytes_down;
@@ -370,6 +392,7 @@ pub fn run_in_process(
             compute_s,
             eval_s,
             peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
+            epsilon,
         };
         tracing::info!(?record, "round simulated");
         on_round(&record);

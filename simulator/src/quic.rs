@@ -73,6 +73,10 @@ pub struct QuicRun {
     pub model: PathBuf,
     /// The algorithm.
     pub algorithm: AlgorithmConfig,
+    /// The daemon's `[robust]` rule.
+    pub robust: fedtune_shared::robust::RobustRule,
+    /// The daemon's `[privacy]` settings.
+    pub privacy: fedtune_server::config::PrivacySettings,
     /// Rounds.
     pub rounds: u64,
     /// The run's seed (the daemon's per-device seeds and LoRA initialisation).
@@ -102,6 +106,8 @@ async fn serve_and_train(
             seed: run.seed,
             ..RoundSettings::everyone(clients, run.rounds, run.timeout.as_secs_f64())
         },
+        robust: run.robust,
+        privacy: run.privacy.clone(),
         ..ServerConfig::new(&run.work_dir.join("server"), &run.model, run.algorithm.clone())
     };
     let core = Arc::new(tokio::task::block_in_place(|| Core::open(config))?);
@@ -268,6 +274,7 @@ fn round_records(
                 compute_s: 0.0,
                 eval_s: 0.0,
                 peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
+                epsilon: summary.and_then(|s| s.privacy.as_ref()).map(|p| p.epsilon),
             }
         })
         .collect()

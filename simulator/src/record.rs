@@ -59,6 +59,9 @@ pub struct RoundRecord {
     pub eval_s: f64,
     /// Peak resident memory of the harness process so far, where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
+    /// With central DP: the privacy spent so far (ε at the configured δ).
+    #[serde(default)]
+    pub epsilon: Option<f64>,
 }
 
 /// The whole run, written when it ends.

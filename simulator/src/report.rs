@@ -396,6 +396,7 @@ mod tests {
                 compute_s: 0.4,
                 eval_s: 0.05,
                 peak_rss_bytes: Some(100 << 20),
+                epsilon: None,
             });
         }
         let last = 3.0 - step * rounds as f32;

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::data::example::{Example, tokenize, tokenize_all};
 use fedtune_shared::data::instructions::load_jsonl;
@@ -272,8 +273,17 @@ fn run_one(
     let (initial, final_eval) = match config.transport {
         Transport::InProcess => {
             let blobs = blob_store(&work).map_err(|e| failed(&e))?;
-            let mut driver = Driver::new(&algorithm, model.model, blobs.clone(), config.seed, None)
+            let combiner = UpdateCombiner::new(run.robust, run.privacy.dp)
                 .map_err(|e| failed(&e))?;
+            let mut driver = Driver::with_combiner(
+                &algorithm,
+                model.model,
+                blobs.clone(),
+                config.seed,
+                None,
+                combiner,
+            )
+            .map_err(|e| failed(&e))?;
             let policy = RoundPolicy {
                 rounds: config.rounds,
                 clients_per_round: config.clients_per_round,
@@ -306,6 +316,8 @@ fn run_one(
                     algorithm_name: name.into(),
                     model: model.path.to_path_buf(),
                     algorithm: algorithm.clone(),
+                    robust: run.robust,
+                    privacy: run.privacy.clone(),
                     rounds: config.rounds,
                     seed: config.seed,
                     work_dir: work.clone(),

@@ -49,6 +49,7 @@ fn synthetic(label: &str, decay: f64, bytes: u64, round_s: f64) -> (Vec<RoundRec
             compute_s: 0.08,
             eval_s: 0.01,
             peak_rss_bytes: Some(300 << 20),
+            epsilon: None,
         });
     }
     let summary = RunSummary {

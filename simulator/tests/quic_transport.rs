@@ -53,6 +53,8 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
             algorithm_name: "t".into(),
             model: model.clone(),
             algorithm,
+            robust: Default::default(),
+            privacy: Default::default(),
             rounds: ROUNDS,
             seed: SEED,
             work_dir: dir.path().join("quic"),

@@ -19,6 +19,16 @@ pub struct UpdateCombiner {
     dp: Option<DpMechanism>,
 }
 
+impl Default for UpdateCombiner {
+    /// The plain mean, no DP: the algorithm aggregates as it always did.
+    fn default() -> Self {
+        Self {
+            robust: RobustRule::Mean,
+            dp: None,
+        }
+    }
+}
+
 impl UpdateCombiner {
     /// A run's combiner with nothing spent.
     ///
