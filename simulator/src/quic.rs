@@ -8,7 +8,7 @@
 //! the records carry real wall-clock seconds and the daemon's own byte counters.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -278,9 +278,4 @@ fn round_records(
             }
         })
         .collect()
-}
-
-/// The work folder of a QUIC run under `dir`.
-pub fn work_dir(dir: &Path, label: &str) -> PathBuf {
-    dir.join(format!("quic-{label}"))
 }

@@ -269,7 +269,7 @@ fn run_one(
     let mut writer = RunWriter::create(run_dir).map_err(|e| failed(&e))?;
     let mut records = Vec::new();
     let mut write_error = None;
-    let work = tempfile_dir(run_dir).map_err(|e| failed(&e))?;
+    let work = scratch_dir(run_dir).map_err(|e| failed(&e))?;
     let (initial, final_eval) = match config.transport {
         Transport::InProcess => {
             let blobs = blob_store(&work).map_err(|e| failed(&e))?;
@@ -402,7 +402,7 @@ fn with_pad(mut algorithm: AlgorithmConfig, pad_id: u32) -> AlgorithmConfig {
 }
 
 /// A scratch folder for a run's blobs and QUIC state, next to its output.
-fn tempfile_dir(run_dir: &Path) -> std::io::Result<PathBuf> {
+fn scratch_dir(run_dir: &Path) -> std::io::Result<PathBuf> {
     let dir = run_dir.join(".work");
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;

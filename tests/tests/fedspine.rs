@@ -53,23 +53,6 @@ const SLOWDOWNS: [f64; 3] = [1.0, 5.0, 25.0];
 const LOCAL_STEPS: usize = 8;
 const BATCH: usize = 2;
 
-/// Grouped-query attention (three key/value heads of two query heads), four layers.
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 64,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 4,
-        num_heads: 6,
-        num_kv_heads: 3,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 128,
-        tie_word_embeddings: true,
-        layers: None,
-    }
-}
 
 fn examples(starts: impl Iterator<Item = u32>) -> Vec<TrainExample> {
     counting(starts, 12)
@@ -82,7 +65,7 @@ fn examples(starts: impl Iterator<Item = u32>) -> Vec<TrainExample> {
 /// by the adapters over the run, so every round has progress to make).
 fn base() -> Llama {
     Llama::load(
-        &MemorySource::random(config(), 3),
+        &MemorySource::random(LlamaConfig::tiny_gqa(), 3),
         &Device::flex(),
         |_, _| {},
     )

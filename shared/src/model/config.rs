@@ -210,6 +210,18 @@ impl LlamaConfig {
         }
     }
 
+    /// A tiny model for pruning tests: 4 layers (so some can be protected and some pruned),
+    /// 6 query heads over 3 key/value heads (groups of two).
+    pub fn tiny_gqa() -> Self {
+        Self {
+            intermediate_size: 64,
+            num_layers: 4,
+            num_heads: 6,
+            num_kv_heads: 3,
+            ..Self::tiny()
+        }
+    }
+
     /// Reads the configuration from GGUF metadata (`general.architecture` must be `llama`).
     pub fn from_gguf(meta: &GgufMetadata, has_output_tensor: bool) -> Result<Self, String> {
         let err = |e: MetadataError| e.to_string();

@@ -8,20 +8,7 @@ use fedtune_shared::model::{Llama, LlamaConfig};
 
 /// Grouped-query attention with three key/value heads of two query heads each, four layers.
 pub fn config() -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: 64,
-        hidden_size: 32,
-        intermediate_size: 64,
-        num_layers: 4,
-        num_heads: 6,
-        num_kv_heads: 3,
-        head_dim: 8,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        max_position_embeddings: 128,
-        tie_word_embeddings: true,
-        layers: None,
-    }
+    LlamaConfig::tiny_gqa()
 }
 
 /// A random model of [`config`].
