@@ -38,6 +38,19 @@ use serde_json::json;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc's `mi_option_e` (v2 and v3 headers alike); the Rust
+/// bindings declare no constant for it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// By default mimalloc still returns freed pages to the OS 10 ms after a free, and a training
+/// step frees and reallocates its logits-sized buffers slower than that: the kernel zeroing
+/// fresh pages was 9% of a LoRA step. Never purging costs about 16 MB of resident memory and
+/// made the step 10% faster (SmolLM2, seq 128: 0.93 s -> 0.84 s).
+fn keep_freed_pages() {
+    // SAFETY: a documented mimalloc option, set before any worker thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 /// Federated fine-tuning of language models.
 #[derive(Debug, Parser)]
 #[command(name = "fedtune", version, about)]
@@ -381,6 +394,7 @@ fn parse_targets(names: &[String]) -> anyhow::Result<Vec<TargetModule>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    keep_freed_pages();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
