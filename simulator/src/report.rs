@@ -551,6 +551,34 @@ mod tests {
             .collect();
         assert_eq!(rows[1].split('|').map(str::trim).nth(7), Some("30.0 s"));
         assert_eq!(rows[2].split('|').map(str::trim).nth(7), Some("5.0 min"));
+        assert!(!table.contains("Attackers"), "no run had attackers");
+    }
+
+    #[test]
+    fn report_shows_the_attackers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut records, mut summary) = run("median", 3, 0.1, 1.0, 10, 10);
+        records.iter_mut().for_each(|r| r.attackers = 1);
+        summary.attackers = 10;
+        summary.attack = Some("scaled ×-4".into());
+        summary.robust = Some("median".into());
+        let (honest, honest_summary) = run("honest", 3, 0.1, 1.0, 10, 10);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        write_run(&a, &records, &summary).unwrap();
+        write_run(&b, &honest, &honest_summary).unwrap();
+        let table = report(&[a.clone(), b], None).unwrap();
+        assert!(table.contains("| median | fedkseed | 50 (10 attacking) |"), "{table}");
+        assert!(table.contains("| honest | fedkseed | 50 |"), "{table}");
+        assert!(
+            table.contains(
+                "- `median`: 10 of 50 devices, scaled ×-4; 3 of the 12 aggregated reports were \
+                 theirs; updates combined by median."
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("`honest`: "), "{table}");
+        let back = read_run(&a).unwrap();
+        assert_eq!((back.summary, back.records), (summary, records));
     }
 
     #[test]
