@@ -567,7 +567,10 @@ mod tests {
         write_run(&a, &records, &summary).unwrap();
         write_run(&b, &honest, &honest_summary).unwrap();
         let table = report(&[a.clone(), b], None).unwrap();
-        assert!(table.contains("| median | fedkseed | 50 (10 attacking) |"), "{table}");
+        assert!(
+            table.contains("| median | fedkseed | 50 (10 attacking) |"),
+            "{table}"
+        );
         assert!(table.contains("| honest | fedkseed | 50 |"), "{table}");
         assert!(
             table.contains(
