@@ -6,15 +6,15 @@
 use std::path::{Path, PathBuf};
 
 use fedtune_server::config::{AlgorithmConfig, PrivacySettings};
-use fedtune_shared::robust::RobustRule;
 use fedtune_shared::data::instructions::InstructionFields;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::robust::RobustRule;
 use fedtune_shared::zo::round::ZoRunConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::fleet::FleetSpec;
+use crate::fleet::FleetConfig;
 
 /// The whole simulation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,9 +52,9 @@ pub struct SimulationConfig {
     pub data: DataConfig,
     /// How it is split among devices.
     pub partition: PartitionConfig,
-    /// The devices.
+    /// The devices, and which of them attack.
     #[serde(default)]
-    pub fleet: FleetSpec,
+    pub fleet: FleetConfig,
     /// Evaluation settings.
     #[serde(default)]
     pub evaluation: EvaluationConfig,
@@ -285,9 +285,20 @@ impl SimulationConfig {
         if !(0.0..1.0).contains(&self.partition.heldout_fraction) {
             return bad("heldout_fraction must be in [0, 1)");
         }
-        self.fleet
-            .profiles()
+        let attackers = self
+            .fleet
+            .has_attackers()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if attackers && self.transport == Transport::Quic {
+            // Over QUIC every device is the unmodified device SDK, which builds, stores and
+            // sends its report itself and offers no way to tamper with it (nor should it).
+            return bad(
+                "attackers are simulated in process only: with transport = \"quic\" every \
+                 device runs the unmodified device SDK, which cannot send a tampered report \
+                 (remove [fleet] attackers and attacker profiles, or use transport = \
+                 \"in-process\")",
+            );
+        }
         Ok(())
     }
 
@@ -329,7 +340,7 @@ impl SimulationConfig {
                 min_items: 8,
                 heldout_fraction: 0.2,
             },
-            fleet: FleetSpec::default(),
+            fleet: FleetConfig::default(),
             evaluation: EvaluationConfig {
                 max_examples: 32,
                 ..EvaluationConfig::default()
@@ -427,9 +438,71 @@ mod tests {
         assert!(e.contains("sim.toml"), "{e}");
         let mut config = SimulationConfig::default_simulation();
         config.runs[1].label = "fedkseed".into();
-        assert!(config.validate().unwrap_err().to_string().contains("same label"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("same label")
+        );
         let mut config = SimulationConfig::default_simulation();
-        config.fleet = FleetSpec::Mix { mix: "phones".into() };
-        assert!(config.validate().unwrap_err().to_string().contains("phones"));
+        config.fleet = crate::fleet::FleetSpec::Mix {
+            mix: "phones".into(),
+        }
+        .into();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("phones")
+        );
+    }
+
+    #[test]
+    fn attackers_are_configured_in_the_fleet_table() {
+        use crate::attack::Behaviour;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sim.toml");
+        let base = "name = \"x\"\nrounds = 1\nclients_per_round = 2\n\
+                    [data]\nsource = \"shakespeare\"\n\
+                    [partition]\nkind = \"iid\"\nclients = 10\n\
+                    [[runs]]\nlabel = \"a\"\n[runs.algorithm]\nname = \"fedkseed\"\n";
+        let with = |fleet: &str| {
+            std::fs::write(&path, format!("{base}[fleet]\n{fleet}")).unwrap();
+            SimulationConfig::load(&path)
+        };
+        let config = with(
+            "mix = \"uniform\"\nattackers = { fraction = 0.2, behaviour = { scaled = { factor = -4.0 } } }\n",
+        )
+        .unwrap();
+        let spec = config.fleet.attackers.unwrap();
+        assert_eq!(spec.behaviour, Behaviour::Scaled { factor: -4.0 });
+        assert_eq!(spec.count(10), 2);
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(
+            toml::from_str::<SimulationConfig>(&text).unwrap().fleet,
+            config.fleet
+        );
+
+        let e =
+            with("mix = \"uniform\"\nattackers = { fraction = 2.0, behaviour = \"sign_flip\" }\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("fraction"), "{e}");
+        let e = with(
+            "[[fleet.profiles]]\nname = \"bad\"\nspeed = 1.0\nup_bytes_per_s = 1.0\n\
+             down_bytes_per_s = 1.0\nbehaviour = { noise = { std = -1.0 } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bad") && e.contains("std"), "{e}");
+
+        let mut config = config;
+        config.transport = Transport::Quic;
+        let e = config.validate().unwrap_err().to_string();
+        assert!(e.contains("in process only"), "{e}");
+        config.fleet.attackers = None;
+        config.validate().unwrap();
     }
 }

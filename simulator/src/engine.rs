@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use burn::module::Module;
 use fedtune_client::trainer::FedKSeedModel;
+use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::algorithm::fedkseed::FedKSeed;
 use fedtune_server::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use fedtune_server::algorithm::lora::{Lora, LoraSettings};
-use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
 use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_server::config::AlgorithmConfig;
@@ -98,7 +98,14 @@ impl Driver {
         seed: u64,
         max_norm: Option<f64>,
     ) -> Result<Self, EngineError> {
-        Self::with_combiner(config, base, blobs, seed, max_norm, UpdateCombiner::default())
+        Self::with_combiner(
+            config,
+            base,
+            blobs,
+            seed,
+            max_norm,
+            UpdateCombiner::default(),
+        )
     }
 
     /// [`Self::new`] with the daemon's `[robust]` / `[privacy]` combination of updates.
@@ -219,6 +226,7 @@ impl Driver {
 /// What one device did in a round.
 struct Attempt {
     client: usize,
+    attacker: bool,
     device: DeviceId,
     down_bytes: u64,
     outcome: Option<Result<LocalResult, LocalError>>,
@@ -257,7 +265,8 @@ pub fn run_in_process(
     for round in 1..=policy.rounds {
         let started = Instant::now();
         driver.catch_up()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(policy.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(policy.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let available: Vec<usize> = (0..population.clients.len())
             .filter(|&i| rng.random::<f64>() < profile(fleet, population, i).availability)
             .collect();
@@ -291,7 +300,8 @@ pub fn run_in_process(
             let signed = server_key
                 .sign_value(PLAN_LABEL, &plan)
                 .map_err(|e| EngineError::Encode(e.to_string()))?;
-            let frame = encode(&Response::Plan(signed)).map_err(|e| EngineError::Encode(e.to_string()))?;
+            let frame =
+                encode(&Response::Plan(signed)).map_err(|e| EngineError::Encode(e.to_string()))?;
             last_seen[c] = round - 1;
             bytes_down += frame.len() as u64;
             jobs.push((c, device, task, seed, frame.len() as u64, dropped));
@@ -304,6 +314,7 @@ pub fn run_in_process(
         let mut dropped = 0usize;
         let mut bytes_up = 0u64;
         let mut compute_s = 0.0f64;
+        let mut attackers = 0usize;
         for attempt in attempts {
             let profile = profile(fleet, population, attempt.client);
             let Some(outcome) = attempt.outcome else {
@@ -356,6 +367,7 @@ pub fn run_in_process(
             }
             bytes_up += up;
             round_time = round_time.max(time);
+            attackers += usize::from(attempt.attacker);
             reports.push((attempt.device, report));
         }
         reports.sort_by_key(|(device, _)| *device);
@@ -378,6 +390,7 @@ pub fn run_in_process(
             algorithm: algorithm_name.to_string(),
             round,
             clients: reports.len(),
+            attackers,
             dropped,
             train_loss,
             heldout_loss: evaluation.as_ref().map(|e| e.loss),
@@ -400,7 +413,11 @@ pub fn run_in_process(
     Ok(initial)
 }
 
-fn profile<'a>(fleet: &'a [DeviceProfile], population: &Population, client: usize) -> &'a DeviceProfile {
+fn profile<'a>(
+    fleet: &'a [DeviceProfile],
+    population: &Population,
+    client: usize,
+) -> &'a DeviceProfile {
     let index = population.clients[client].profile.min(fleet.len() - 1);
     &fleet[index]
 }
@@ -424,10 +441,18 @@ fn train_all(
         let (client, device, task, seed, down, dropped) = job;
         let outcome = (!dropped).then(|| {
             let models = SharedModels { base, fedkseed };
-            run_task(&models, blobs, task, *seed, &population.training_data(*client))
+            run_task(
+                &models,
+                blobs,
+                task,
+                *seed,
+                &population.training_data(*client),
+                &population.clients[*client].behaviour,
+            )
         });
         Attempt {
             client: *client,
+            attacker: population.clients[*client].behaviour.is_attack(),
             device: *device,
             down_bytes: *down,
             outcome,

@@ -1,8 +1,11 @@
 //! The simulated device fleet: what each virtual device is like (speed, memory, bandwidth,
-//! availability, reliability), how profiles are given (a table or a named mix), and how a
-//! device's round time is simulated from what this machine measured.
+//! availability, reliability, honesty), how profiles are given (a table or a named mix, and
+//! optionally a fraction of attackers), and how a device's round time is simulated from what
+//! this machine measured.
 
 use serde::{Deserialize, Serialize};
+
+use crate::attack::{AttackerSpec, Behaviour};
 
 /// One kind of device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -31,6 +34,14 @@ pub struct DeviceProfile {
     /// of 30/40/10 gives 3/8, 4/8 and 1/8 of the clients).
     #[serde(default = "one")]
     pub share: u32,
+    /// What devices of this profile do with their updates (`"honest"` unless given; see
+    /// [`Behaviour`]): a table of profiles can make some of its devices attackers.
+    #[serde(default, skip_serializing_if = "is_honest")]
+    pub behaviour: Behaviour,
+}
+
+fn is_honest(behaviour: &Behaviour) -> bool {
+    !behaviour.is_attack()
 }
 
 fn always() -> f64 {
@@ -48,6 +59,9 @@ pub enum FleetError {
     /// No profile, or every share is zero.
     #[error("the fleet has no devices")]
     Empty,
+    /// An attacker setting with an impossible value.
+    #[error("{0}")]
+    Attack(#[from] crate::attack::AttackError),
     /// A named mix this version does not know.
     #[error("unknown fleet mix {0:?} (known: {known})", known = MIXES.join(", "))]
     UnknownMix(String),
@@ -114,8 +128,60 @@ impl FleetSpec {
             if !(0.0..=1.0).contains(&p.availability) || !(0.0..=1.0).contains(&p.dropout) {
                 return Err(bad("availability and dropout are probabilities"));
             }
+            p.behaviour
+                .validate()
+                .map_err(|e| bad(&format!("behaviour: {e}")))?;
         }
         Ok(profiles)
+    }
+}
+
+/// The `[fleet]` table: the devices (a named mix or a table of profiles) and, optionally, a
+/// fraction of them made attackers:
+///
+/// ```toml
+/// [fleet]
+/// mix = "uniform"
+/// attackers = { fraction = 0.2, behaviour = { scaled = { factor = -4.0 } } }
+/// ```
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FleetConfig {
+    /// The devices.
+    #[serde(flatten)]
+    pub devices: FleetSpec,
+    /// A fraction of all devices that attack, drawn with the simulation's seed (on top of
+    /// profiles that are attackers themselves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attackers: Option<AttackerSpec>,
+}
+
+impl From<FleetSpec> for FleetConfig {
+    fn from(devices: FleetSpec) -> Self {
+        Self {
+            devices,
+            attackers: None,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// The profiles of the fleet, checked, with the attacker setting.
+    pub fn profiles(&self) -> Result<Vec<DeviceProfile>, FleetError> {
+        if let Some(spec) = &self.attackers {
+            spec.validate()?;
+        }
+        self.devices.profiles()
+    }
+
+    /// Whether any device can be an attacker (a fraction above zero, or an attacker profile
+    /// with a share).
+    pub fn has_attackers(&self) -> Result<bool, FleetError> {
+        let by_fraction = self.attackers.is_some_and(|a| a.fraction > 0.0);
+        let by_profile = self
+            .profiles()?
+            .iter()
+            .any(|p| p.share > 0 && p.behaviour.is_attack());
+        Ok(by_fraction || by_profile)
     }
 }
 
@@ -133,6 +199,7 @@ fn named_mix(name: &str) -> Result<Vec<DeviceProfile>, FleetError> {
         availability,
         dropout,
         share,
+        behaviour: Behaviour::Honest,
     };
     match name {
         "uniform" => Ok(vec![profile("host", 1.0, 12.5, 12.5, 1.0, 0.0, 1)]),
@@ -176,7 +243,12 @@ pub fn assign(profiles: &[DeviceProfile], clients: usize) -> Vec<usize> {
 
 /// A device's simulated round: compute measured on this machine scaled by its speed, plus its
 /// transfers over its links.
-pub fn round_time_s(profile: &DeviceProfile, compute_s: f64, down_bytes: u64, up_bytes: u64) -> f64 {
+pub fn round_time_s(
+    profile: &DeviceProfile,
+    compute_s: f64,
+    down_bytes: u64,
+    up_bytes: u64,
+) -> f64 {
     compute_s / profile.speed
         + down_bytes as f64 / profile.down_bytes_per_s
         + up_bytes as f64 / profile.up_bytes_per_s

@@ -6,10 +6,14 @@ use fedtune_client::trainer::{
     FedKSeedModel, TrainError, TrainingData, train_fedspine, train_lora,
 };
 use fedtune_server::blobs::{BlobError, Blobs};
+use fedtune_shared::lora::adapter::AdapterWeights;
+use fedtune_shared::lora::aggregation::masked::restrict_adapter;
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
-use fedtune_shared::lora::adapter::AdapterWeights;
 use fedtune_shared::protocol::{BlobRef, LocalStats, ReportPayload, Task};
+use fedtune_shared::prune::units::LayerShape;
+
+use crate::attack::{AttackError, Behaviour};
 
 /// What a device's round produced.
 #[derive(Debug, Clone)]
@@ -40,6 +44,9 @@ pub enum LocalError {
     /// A blob was missing or unreadable.
     #[error("blob: {0}")]
     Blob(#[from] BlobError),
+    /// An attacker's update could not be built.
+    #[error("{0}")]
+    Attack(#[from] AttackError),
     /// A plan this harness cannot run.
     #[error("{0}")]
     Unsupported(String),
@@ -53,16 +60,19 @@ pub struct SharedModels<'a> {
     pub fedkseed: Option<&'a FedKSeedModel>,
 }
 
-/// Runs `task` as a device would, with its data and the plan's local seed.
+/// Runs `task` as a device would, with its data and the plan's local seed; a device whose
+/// `behaviour` is an attack tampers with the update it reports ([`Behaviour`]) after training
+/// honestly, as a poisoning device running the real SDK would.
 pub fn run_task(
     models: &SharedModels<'_>,
     blobs: &Blobs,
     task: &Task,
     local_seed: u64,
     data: &TrainingData,
+    behaviour: &Behaviour,
 ) -> Result<LocalResult, LocalError> {
     let started = std::time::Instant::now();
-    let mut result = run(models, blobs, task, local_seed, data)?;
+    let mut result = run(models, blobs, task, local_seed, data, behaviour)?;
     result.device_s = started.elapsed().as_secs_f64();
     Ok(result)
 }
@@ -73,7 +83,10 @@ fn run(
     task: &Task,
     local_seed: u64,
     data: &TrainingData,
+    behaviour: &Behaviour,
 ) -> Result<LocalResult, LocalError> {
+    // The attacker's noise has a stream of its own: its training is the honest device's.
+    let attack_seed = local_seed ^ 0x0bad_5eed_0bad_5eed;
     match task {
         Task::FedKSeed { plan, batch_size } => {
             let shared = models.fedkseed.ok_or_else(|| {
@@ -82,7 +95,8 @@ fn run(
             // Tensors are shared until written: the clone costs nothing until the steps perturb
             // it, and the catch-up inside `train` skips the rounds the shared model holds.
             let mut model = shared.clone();
-            let (_, report, stats) = model.train(plan, *batch_size, local_seed, data)?;
+            let (_, mut report, stats) = model.train(plan, *batch_size, local_seed, data)?;
+            behaviour.tamper_seed_grads(&mut report, attack_seed);
             Ok(LocalResult {
                 payload: ReportPayload::FedKSeed(report),
                 stats,
@@ -95,6 +109,7 @@ fn run(
         Task::Lora(lora) => {
             let (global, down) = download(blobs, lora.adapter)?;
             let (weights, stats) = train_lora(models.base, lora, &global, data, local_seed)?;
+            let weights = behaviour.tamper_adapter(&global, weights, attack_seed)?;
             let (uploaded, up) = upload(blobs, &weights)?;
             Ok(LocalResult {
                 payload: ReportPayload::Lora {
@@ -110,7 +125,16 @@ fn run(
         }
         Task::FedSpine(spine) => {
             let (global, down) = download(blobs, spine.lora.adapter)?;
-            let outcome = train_fedspine(models.base, spine, &global, data, local_seed)?;
+            let mut outcome = train_fedspine(models.base, spine, &global, data, local_seed)?;
+            if behaviour.is_attack() {
+                // The device's adapter lives in its kept coordinates: its update is measured
+                // from the same coordinates of the global adapter it received.
+                let shapes: Vec<LayerShape> =
+                    models.base.layers.iter().map(LayerShape::of).collect();
+                let start = restrict_adapter(&global, &outcome.kept, &shapes)
+                    .map_err(|e| TrainError::Adapter(e.to_string()))?;
+                outcome.adapter = behaviour.tamper_adapter(&start, outcome.adapter, attack_seed)?;
+            }
             let (uploaded, up) = upload(blobs, &outcome.adapter)?;
             // The device trained the pruned model: its weights are what it held.
             let kept_fraction = 1.0 - outcome.removed_ratio;
@@ -134,10 +158,7 @@ fn run(
 }
 
 /// The global adapter a plan names, read from the daemon's blob store, and its size.
-fn download(
-    blobs: &Blobs,
-    blob: Option<BlobRef>,
-) -> Result<(AdapterWeights, u64), LocalError> {
+fn download(blobs: &Blobs, blob: Option<BlobRef>) -> Result<(AdapterWeights, u64), LocalError> {
     let blob =
         blob.ok_or_else(|| LocalError::Unsupported("an adapter plan without an adapter".into()))?;
     let bytes = blobs.read(&blob.digest)?;

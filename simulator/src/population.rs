@@ -5,7 +5,9 @@
 
 use fedtune_client::trainer::TrainingData;
 use fedtune_shared::lora::train::TrainExample;
-use fedtune_shared::protocol::{Digest, DeviceId, SigningKey};
+use fedtune_shared::protocol::{DeviceId, Digest, SigningKey};
+
+use crate::attack::Behaviour;
 
 /// One virtual device.
 #[derive(Debug, Clone)]
@@ -20,6 +22,8 @@ pub struct VirtualClient {
     pub profile: usize,
     /// Its training examples: indices into [`Population::examples`].
     pub items: Vec<u32>,
+    /// What it does with its updates (honest unless the fleet makes it an attacker).
+    pub behaviour: Behaviour,
 }
 
 /// Every virtual device of a run and the data they share.
@@ -94,14 +98,15 @@ impl Population {
                 });
             }
             let key_seed = key_seed(seed, i);
-            let key =
-                SigningKey::from_seed(&key_seed).map_err(|e| PopulationError::Key(e.to_string()))?;
+            let key = SigningKey::from_seed(&key_seed)
+                .map_err(|e| PopulationError::Key(e.to_string()))?;
             clients.push(VirtualClient {
                 name,
                 key_seed,
                 device: key.public_key().device_id(),
                 profile: profiles.get(i).copied().unwrap_or(0),
                 items,
+                behaviour: Behaviour::Honest,
             });
         }
         let instruction = examples.iter().any(|e| e.prompt_len > 0);
@@ -115,6 +120,22 @@ impl Population {
         })
     }
 
+    /// Gives client `i` the behaviour `behaviours[i]` (clients past the list stay as they
+    /// are); see [`crate::attack::behaviours`].
+    pub fn set_behaviours(&mut self, behaviours: &[Behaviour]) {
+        for (client, &behaviour) in self.clients.iter_mut().zip(behaviours) {
+            client.behaviour = behaviour;
+        }
+    }
+
+    /// How many clients attack.
+    pub fn attackers(&self) -> usize {
+        self.clients
+            .iter()
+            .filter(|c| c.behaviour.is_attack())
+            .count()
+    }
+
     /// The training data of client `index`, as the device SDK takes it.
     pub fn training_data(&self, index: usize) -> TrainingData {
         let items = self.clients.get(index).map_or(&[][..], |c| &c.items[..]);
@@ -124,7 +145,11 @@ impl Population {
             .collect();
         TrainingData {
             sequences: examples.iter().map(|e| e.ids.clone()).collect(),
-            examples: if self.instruction { examples } else { Vec::new() },
+            examples: if self.instruction {
+                examples
+            } else {
+                Vec::new()
+            },
             pad_id: self.pad_id,
         }
     }

@@ -26,6 +26,9 @@ pub struct RoundRecord {
     pub round: u64,
     /// Reports aggregated this round.
     pub clients: usize,
+    /// Of those, reports from attackers (devices that tampered with their update).
+    #[serde(default)]
+    pub attackers: usize,
     /// Devices that were given a task but dropped out or missed the deadline.
     pub dropped: usize,
     /// Sample-weighted mean local training loss.
@@ -75,6 +78,17 @@ pub struct RunSummary {
     pub model: String,
     /// Virtual clients in the run.
     pub clients: usize,
+    /// Of those, attackers.
+    #[serde(default)]
+    pub attackers: usize,
+    /// What the attackers do (`sign_flip`, `scaled ×-4`, …; several separated by `, `), when
+    /// there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attack: Option<String>,
+    /// The robust rule that combined updates (`median`, `trimmed_mean`, `krum`, …), when not
+    /// the algorithm's own averaging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub robust: Option<String>,
     /// Rounds run.
     pub rounds: u64,
     /// Held-out loss before the first round.

@@ -45,7 +45,7 @@ pub enum ReportError {
 
 /// The CSV columns, in order; the same names as [`RoundRecord`]'s fields.
 const CSV_HEADER: &str = "run,algorithm,round,clients,dropped,train_loss,heldout_loss,perplexity,\
-rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,compute_s,eval_s,peak_rss_bytes";
+rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,compute_s,eval_s,peak_rss_bytes,attackers";
 
 /// Writes a run folder as the run goes.
 #[derive(Debug)]
@@ -231,11 +231,15 @@ pub fn report(run_dirs: &[PathBuf], target_loss: Option<f32>) -> Result<String, 
         let total_bytes = run.records.last().map_or(0, |r| r.total_bytes);
         let reached = time_to_target(s.initial_heldout_loss, &run.records, target)
             .map_or_else(|| "not reached".to_string(), duration);
+        let clients = match s.attackers {
+            0 => s.clients.to_string(),
+            n => format!("{} ({n} attacking)", s.clients),
+        };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {:.3} → {:.3} | {:.2} |",
             cell(&s.run),
             cell(&s.algorithm),
-            s.clients,
+            clients,
             s.rounds,
             s.initial_heldout_loss,
             s.final_heldout_loss,
@@ -266,6 +270,26 @@ pub fn report(run_dirs: &[PathBuf], target_loss: Option<f32>) -> Result<String, 
          run took here. Bytes are encoded messages; memory is the harness process's peak \
          resident set.\n"
     ));
+    let attacked: Vec<&RunData> = runs.iter().filter(|r| r.summary.attackers > 0).collect();
+    if !attacked.is_empty() {
+        out.push_str("\nAttackers (devices that tamper with the update they report):\n\n");
+        for run in attacked {
+            let s = &run.summary;
+            let reports: usize = run.records.iter().map(|r| r.attackers).sum();
+            let all: usize = run.records.iter().map(|r| r.clients).sum();
+            out.push_str(&format!(
+                "- `{}`: {} of {} devices, {}; {reports} of the {all} aggregated reports were \
+                 theirs; updates combined by {}.\n",
+                cell(&s.run),
+                s.attackers,
+                s.clients,
+                cell(s.attack.as_deref().unwrap_or("tampering")),
+                s.robust
+                    .as_deref()
+                    .unwrap_or("the algorithm's own averaging"),
+            ));
+        }
+    }
     out.push_str("\nCommands:\n\n");
     for run in &runs {
         out.push_str(&format!(
@@ -335,6 +359,7 @@ fn csv_row(r: &RoundRecord) -> String {
         r.compute_s.to_string(),
         r.eval_s.to_string(),
         r.peak_rss_bytes.map(|v| v.to_string()).unwrap_or_default(),
+        r.attackers.to_string(),
     ]
     .join(",")
 }
@@ -382,6 +407,7 @@ mod tests {
                 algorithm: "fedkseed".into(),
                 round,
                 clients,
+                attackers: 0,
                 dropped: 1,
                 train_loss: loss + 0.1,
                 heldout_loss: evaluated.then_some(loss),
@@ -405,6 +431,9 @@ mod tests {
             algorithm: "fedkseed".into(),
             model: "tiny".into(),
             clients: 50,
+            attackers: 0,
+            attack: None,
+            robust: None,
             rounds,
             initial_heldout_loss: 3.0,
             final_heldout_loss: last,
@@ -433,7 +462,7 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0], CSV_HEADER);
-        assert_eq!(lines[0].split(',').count(), 18);
+        assert_eq!(lines[0].split(',').count(), 19);
         // The label is quoted; round 2 was not evaluated, so its loss cells are empty.
         assert!(
             lines[2].starts_with("\"a,\"\"b\"\"\",fedkseed,2,4,1,"),
@@ -522,6 +551,37 @@ mod tests {
             .collect();
         assert_eq!(rows[1].split('|').map(str::trim).nth(7), Some("30.0 s"));
         assert_eq!(rows[2].split('|').map(str::trim).nth(7), Some("5.0 min"));
+        assert!(!table.contains("Attackers"), "no run had attackers");
+    }
+
+    #[test]
+    fn report_shows_the_attackers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut records, mut summary) = run("median", 3, 0.1, 1.0, 10, 10);
+        records.iter_mut().for_each(|r| r.attackers = 1);
+        summary.attackers = 10;
+        summary.attack = Some("scaled ×-4".into());
+        summary.robust = Some("median".into());
+        let (honest, honest_summary) = run("honest", 3, 0.1, 1.0, 10, 10);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        write_run(&a, &records, &summary).unwrap();
+        write_run(&b, &honest, &honest_summary).unwrap();
+        let table = report(&[a.clone(), b], None).unwrap();
+        assert!(
+            table.contains("| median | fedkseed | 50 (10 attacking) |"),
+            "{table}"
+        );
+        assert!(table.contains("| honest | fedkseed | 50 |"), "{table}");
+        assert!(
+            table.contains(
+                "- `median`: 10 of 50 devices, scaled ×-4; 3 of the 12 aggregated reports were \
+                 theirs; updates combined by median."
+            ),
+            "{table}"
+        );
+        assert!(!table.contains("`honest`: "), "{table}");
+        let back = read_run(&a).unwrap();
+        assert_eq!((back.summary, back.records), (summary, records));
     }
 
     #[test]
