@@ -258,10 +258,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One forward pass (batch 1) at a given sequence length.
+    /// One forward pass (batch 1) at a given sequence length; with --compare, two models timed
+    /// alternately (a pruned model against its original): medians, speedup, weight memory.
     Forward {
         #[command(flatten)]
         model: ModelArgs,
+        /// A second model (.gguf or folder, e.g. `fedtune prune`'s output) timed alternately
+        /// with --model in the same process; the table gives its speedup and weight-memory
+        /// reduction relative to --model.
+        #[arg(long)]
+        compare: Option<PathBuf>,
         /// Tokens in the sequence.
         #[arg(long, default_value_t = 128)]
         seq_len: usize,
@@ -271,7 +277,8 @@ enum BenchCommand {
         /// Unmeasured warm-up runs.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// Print JSON: {"median_s": X, "tokens_per_s": Y, "weight_bytes": Z, ...}.
+        /// Print JSON: {"median_s": X, "tokens_per_s": Y, "weight_bytes": Z, ...}; with
+        /// --compare, {"models": [...], "speedup": S, "weight_reduction": R, ...}.
         #[arg(long)]
         json: bool,
     },
@@ -369,6 +376,78 @@ impl ModelArgs {
         bar.finish_and_clear();
         Ok(pretrained)
     }
+}
+
+/// `fedtune bench forward --compare`: `base` and `other` timed alternately
+/// ([`bench::forward_alternating`]), printed as a table or JSON.
+fn compare_forward(
+    base: &ModelArgs,
+    other: &ModelArgs,
+    seq_len: usize,
+    warmup: usize,
+    runs: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let models = [base.load(json)?, other.load(json)?];
+    let names = [base.path()?, other.path()?];
+    let (timings, paired) =
+        bench::forward_alternating(&[&models[0].model, &models[1].model], seq_len, warmup, runs);
+    let bytes: Vec<usize> = models
+        .iter()
+        .map(|m| bench::weight_bytes(&m.model))
+        .collect();
+    let speedup = timings[0].median_s / timings[1].median_s;
+    let reduction = 1.0 - bytes[1] as f64 / bytes[0].max(1) as f64;
+    if json {
+        let rows: Vec<serde_json::Value> = (0..2)
+            .map(|i| {
+                json!({
+                    "model": names[i].display().to_string(),
+                    "median_s": timings[i].median_s,
+                    "min_s": timings[i].min_s,
+                    "runs": timings[i].runs,
+                    "weight_bytes": bytes[i],
+                    "params": fedtune_shared::prune::model_params(&models[i].model),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({
+                "seq_len": seq_len,
+                "backend": base.backend,
+                "models": rows,
+                "speedup": speedup,
+                "paired_speedup": paired[1],
+                "weight_reduction": reduction,
+            })
+        );
+    } else {
+        println!(
+            "forward, batch 1 x {seq_len} tokens, {} runs each, alternating ({} backend)",
+            timings[0].runs, base.backend
+        );
+        println!(
+            "| model | median (s) | min (s) | speedup | paired speedup | weights (MiB) | weight reduction |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for i in 0..2 {
+            let (speedup, paired, reduction) = if i == 0 {
+                (1.0, 1.0, 0.0)
+            } else {
+                (speedup, paired[1], reduction)
+            };
+            println!(
+                "| {} | {:.4} | {:.4} | {speedup:.3}x | {paired:.3}x | {:.1} | {:.1}% |",
+                names[i].display(),
+                timings[i].median_s,
+                timings[i].min_s,
+                bytes[i] as f64 / 1048576.0,
+                100.0 * reduction
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `--targets q_proj,v_proj` as target modules.
@@ -484,6 +563,24 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Privacy { clients, degree } => bench_privacy::run(clients, degree)?,
             BenchCommand::Forward {
                 model,
+                compare: Some(other),
+                seq_len,
+                runs,
+                warmup,
+                json,
+            } => {
+                if seq_len == 0 {
+                    bail!("--seq-len must be positive");
+                }
+                let other = ModelArgs {
+                    model: Some(other),
+                    backend: model.backend.clone(),
+                };
+                compare_forward(&model, &other, seq_len, warmup, runs, json)?;
+            }
+            BenchCommand::Forward {
+                model,
+                compare: None,
                 seq_len,
                 runs,
                 warmup,
