@@ -263,11 +263,11 @@ enum BenchCommand {
     Forward {
         #[command(flatten)]
         model: ModelArgs,
-        /// A second model (.gguf or folder, e.g. `fedtune prune`'s output) timed alternately
+        /// Another model (.gguf or folder, e.g. `fedtune prune`'s output) timed alternately
         /// with --model in the same process; the table gives its speedup and weight-memory
-        /// reduction relative to --model.
+        /// reduction relative to --model. Repeat to compare several.
         #[arg(long)]
-        compare: Option<PathBuf>,
+        compare: Vec<PathBuf>,
         /// Tokens in the sequence.
         #[arg(long, default_value_t = 128)]
         seq_len: usize,
@@ -378,28 +378,32 @@ impl ModelArgs {
     }
 }
 
-/// `fedtune bench forward --compare`: `base` and `other` timed alternately
-/// ([`bench::forward_alternating`]), printed as a table or JSON.
+/// `fedtune bench forward --compare`: `base` and `others` timed alternately
+/// ([`bench::forward_alternating`]), printed as a table or JSON, each relative to `base`.
 fn compare_forward(
     base: &ModelArgs,
-    other: &ModelArgs,
+    others: &[ModelArgs],
     seq_len: usize,
     warmup: usize,
     runs: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    let models = [base.load(json)?, other.load(json)?];
-    let names = [base.path()?, other.path()?];
-    let (timings, paired) =
-        bench::forward_alternating(&[&models[0].model, &models[1].model], seq_len, warmup, runs);
-    let bytes: Vec<usize> = models
+    let args: Vec<&ModelArgs> = std::iter::once(base).chain(others).collect();
+    let models = args
         .iter()
-        .map(|m| bench::weight_bytes(&m.model))
-        .collect();
-    let speedup = timings[0].median_s / timings[1].median_s;
-    let reduction = 1.0 - bytes[1] as f64 / bytes[0].max(1) as f64;
+        .map(|a| a.load(json))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let names = args
+        .iter()
+        .map(|a| a.path())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let refs: Vec<&fedtune_shared::model::Llama> = models.iter().map(|m| &m.model).collect();
+    let (timings, paired) = bench::forward_alternating(&refs, seq_len, warmup, runs);
+    let bytes: Vec<usize> = refs.iter().map(|m| bench::weight_bytes(m)).collect();
+    let speedup = |i: usize| timings[0].median_s / timings[i].median_s;
+    let reduction = |i: usize| 1.0 - bytes[i] as f64 / bytes[0].max(1) as f64;
     if json {
-        let rows: Vec<serde_json::Value> = (0..2)
+        let rows: Vec<serde_json::Value> = (0..refs.len())
             .map(|i| {
                 json!({
                     "model": names[i].display().to_string(),
@@ -407,19 +411,23 @@ fn compare_forward(
                     "min_s": timings[i].min_s,
                     "runs": timings[i].runs,
                     "weight_bytes": bytes[i],
-                    "params": fedtune_shared::prune::model_params(&models[i].model),
+                    "params": fedtune_shared::prune::model_params(refs[i]),
+                    "speedup": speedup(i),
+                    "paired_speedup": paired[i],
+                    "weight_reduction": reduction(i),
                 })
             })
             .collect();
+        // The first comparison's figures at the top level, for the common two-model case.
         println!(
             "{}",
             json!({
                 "seq_len": seq_len,
                 "backend": base.backend,
                 "models": rows,
-                "speedup": speedup,
+                "speedup": speedup(1),
                 "paired_speedup": paired[1],
-                "weight_reduction": reduction,
+                "weight_reduction": reduction(1),
             })
         );
     } else {
@@ -431,19 +439,16 @@ fn compare_forward(
             "| model | median (s) | min (s) | speedup | paired speedup | weights (MiB) | weight reduction |"
         );
         println!("|---|---|---|---|---|---|---|");
-        for i in 0..2 {
-            let (speedup, paired, reduction) = if i == 0 {
-                (1.0, 1.0, 0.0)
-            } else {
-                (speedup, paired[1], reduction)
-            };
+        for i in 0..refs.len() {
             println!(
-                "| {} | {:.4} | {:.4} | {speedup:.3}x | {paired:.3}x | {:.1} | {:.1}% |",
+                "| {} | {:.4} | {:.4} | {:.3}x | {:.3}x | {:.1} | {:.1}% |",
                 names[i].display(),
                 timings[i].median_s,
                 timings[i].min_s,
+                speedup(i),
+                paired[i],
                 bytes[i] as f64 / 1048576.0,
-                100.0 * reduction
+                100.0 * reduction(i)
             );
         }
     }
@@ -563,24 +568,27 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Privacy { clients, degree } => bench_privacy::run(clients, degree)?,
             BenchCommand::Forward {
                 model,
-                compare: Some(other),
+                compare,
                 seq_len,
                 runs,
                 warmup,
                 json,
-            } => {
+            } if !compare.is_empty() => {
                 if seq_len == 0 {
                     bail!("--seq-len must be positive");
                 }
-                let other = ModelArgs {
-                    model: Some(other),
-                    backend: model.backend.clone(),
-                };
-                compare_forward(&model, &other, seq_len, warmup, runs, json)?;
+                let others: Vec<ModelArgs> = compare
+                    .into_iter()
+                    .map(|path| ModelArgs {
+                        model: Some(path),
+                        backend: model.backend.clone(),
+                    })
+                    .collect();
+                compare_forward(&model, &others, seq_len, warmup, runs, json)?;
             }
             BenchCommand::Forward {
                 model,
-                compare: None,
+                compare: _,
                 seq_len,
                 runs,
                 warmup,

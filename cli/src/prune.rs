@@ -25,9 +25,6 @@ use crate::{ModelArgs, fetch};
 /// The play calibrated on when no `--calib` file is given.
 const DEFAULT_PLAY: &str = "romeo_and_juliet_gut.txt";
 
-/// `--align`'s default: no rounding of the kept FFN widths (see docs/architecture.md).
-const DEFAULT_ALIGN: usize = 1;
-
 /// The importance score `--metric` selects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Metric {
@@ -88,10 +85,6 @@ pub struct PruneArgs {
     /// literature counts; 30% of SmolLM2-135M is 38% of its prunable weights).
     #[arg(long, value_enum, default_value_t = RatioOf::Prunable)]
     ratio_of: RatioOf,
-    /// Round every pruned layer's kept FFN channels to a multiple of N (the global target is
-    /// kept, within N channels).
-    #[arg(long, default_value_t = DEFAULT_ALIGN)]
-    align: usize,
     /// How units are ranked.
     #[arg(long, value_enum, default_value_t = Metric::Flap)]
     metric: Metric,
@@ -131,9 +124,6 @@ pub struct PruneArgs {
 pub fn run(args: PruneArgs) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&args.ratio) {
         bail!("--ratio must be in [0, 1), not {}", args.ratio);
-    }
-    if args.align == 0 {
-        bail!("--align must be at least 1");
     }
     if args.seq_len < 2 || args.heldout_sequences == 0 {
         bail!("--seq-len must be at least 2 and --heldout-sequences positive");
@@ -198,7 +188,6 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         protect_last: args.protect_last,
         bias_compensation: compensation,
         ratio_of: args.ratio_of.into(),
-        align: args.align,
         ..PruneOptions::default()
     };
     let plan = match (args.metric, &stats) {
@@ -228,7 +217,6 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             args.metric.into(),
             args.ratio,
             options.ratio_of,
-            args.align,
             removed,
             &model,
         )
@@ -286,7 +274,6 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
                 "metric": args.metric.name(),
                 "ratio": args.ratio,
                 "ratio_of": options.ratio_of.name(),
-                "align": args.align,
                 "bias_compensation": compensation,
                 "prunable_params": prunable,
                 "total_params": total,
@@ -354,12 +341,10 @@ fn print_report(
         "on"
     };
     println!(
-        "metric {}, ratio {} of the {} parameters, FFN channels aligned to {}, bias compensation \
-         {compensation}",
+        "metric {}, ratio {} of the {} parameters, bias compensation {compensation}",
         args.metric.name(),
         args.ratio,
         RatioBasis::from(args.ratio_of),
-        args.align
     );
     let text_name = text.file_name().map_or(text, Path::new).display();
     if let Some(calibrate_s) = calibrate_s {

@@ -45,7 +45,6 @@ fn step(metric: PruneMetric, ratio: f64, removed_params: usize) -> PruneStep {
         metric,
         ratio,
         ratio_of: RatioBasis::Prunable,
-        align: 1,
         removed_params,
         prunable_params: 0,
         total_params: 0,

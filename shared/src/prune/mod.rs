@@ -8,8 +8,7 @@
 //! - [`magnitude`], [`flap`]: importance scores (weight magnitude; FLAP's fluctuation metric and
 //!   bias compensation);
 //! - [`plan`]: one global ranking cut at a fraction of the prunable parameters or of the whole
-//!   model ([`RatioBasis`]), kept FFN widths optionally rounded to a multiple ([`plan_flap`],
-//!   [`plan_magnitude`], [`select`]);
+//!   model ([`RatioBasis`]) ([`plan_flap`], [`plan_magnitude`], [`select`]);
 //! - [`structural`]: applying a plan ([`prune_model`]);
 //! - [`kept`]: the per-layer record of kept units, and the maps between pruned and full
 //!   coordinates;

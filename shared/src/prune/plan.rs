@@ -1,7 +1,6 @@
 //! Choosing what to prune: one global ranking of every unit of every layer, cut at a target
 //! count of removed parameters: a fraction of the prunable parameters (fedtune's default) or of
-//! the whole model (the literature's "pruning ratio"; [`RatioBasis`]), optionally with every
-//! layer's kept FFN channels rounded to a multiple of [`PruneOptions::align`].
+//! the whole model (the literature's "pruning ratio"; [`RatioBasis`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +15,7 @@ use crate::model::Llama;
 ///
 /// The two differ by the weights structured pruning cannot touch: embeddings, output head,
 /// norms. In SmolLM2-135M the tied 49152×576 embedding alone is 21% of the model, so 30% of the
-/// prunable weights is 23.6% of the model, and 30% of the model is 38% of the prunable weights.
+/// prunable weights is 23.7% of the model, and 30% of the model is 38% of the prunable weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RatioBasis {
@@ -58,10 +57,6 @@ impl std::fmt::Display for RatioBasis {
     }
 }
 
-fn default_align() -> usize {
-    1
-}
-
 /// Constraints on a pruning plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PruneOptions {
@@ -81,11 +76,6 @@ pub struct PruneOptions {
     /// What the ratio is a fraction of. Default [`RatioBasis::Prunable`].
     #[serde(default)]
     pub ratio_of: RatioBasis,
-    /// Every pruned layer keeps a multiple of this many FFN channels (a layer the plan leaves
-    /// whole keeps its own width). Default 1: any count. See [`select`] for how the rounding
-    /// keeps the global target, and `docs/architecture.md` for what it was measured to buy.
-    #[serde(default = "default_align")]
-    pub align: usize,
 }
 
 impl Default for PruneOptions {
@@ -97,7 +87,6 @@ impl Default for PruneOptions {
             min_ffn_channels: 1,
             bias_compensation: true,
             ratio_of: RatioBasis::Prunable,
-            align: 1,
         }
     }
 }
@@ -134,9 +123,6 @@ pub enum PlanError {
         /// What both ratios are fractions of.
         basis: RatioBasis,
     },
-    /// `align` is zero.
-    #[error("channel alignment must be at least 1")]
-    Align,
     /// A kept-unit record is invalid for its layer.
     #[error("invalid plan: {0}")]
     Invalid(String),
@@ -219,19 +205,10 @@ impl PrunePlan {
 /// unit still available. Only projection weights count as removed; the compensation biases a
 /// plan may add (one `hidden`-wide vector per pruned projection) are not subtracted.
 ///
-/// With `options.align = N > 1`, a fourth step rounds each pruned layer's kept FFN channels to a
-/// multiple of `N` (at least `N`, at least the minimum; a layer narrower than that is left
-/// whole): first to the nearest multiple, then, while more than the target is removed, giving
-/// back the block of channels (the layer's last removed, up to its next multiple) with the
-/// highest mean score, then, while a block still fits under the target, removing the block with
-/// the lowest mean score. Heads are left as the walk chose them. The target is then approached
-/// from below within one block, `N` channels.
-///
 /// # Errors
-/// [`PlanError::Ratio`] outside `[0, 1)`, [`PlanError::Align`] for `align = 0`,
-/// [`PlanError::Mismatch`] when the scores do not fit the model, [`PlanError::Unreachable`] when
-/// every candidate is gone and the target is still more than one FFN channel (one block when
-/// aligning) away.
+/// [`PlanError::Ratio`] outside `[0, 1)`, [`PlanError::Mismatch`] when the scores do not fit the
+/// model, [`PlanError::Unreachable`] when every candidate is gone and the target is still more
+/// than one FFN channel away.
 pub fn select(
     model: &Llama,
     scores: &[LayerScores],
@@ -241,18 +218,12 @@ pub fn select(
     if !(0.0..1.0).contains(&ratio) {
         return Err(PlanError::Ratio(ratio));
     }
-    if options.align == 0 {
-        return Err(PlanError::Align);
-    }
-    let align = options.align;
     let shapes: Vec<LayerShape> = model.layers.iter().map(LayerShape::of).collect();
     check_scores(&shapes, scores)?;
     let layers = shapes.len();
     let protected = |layer: usize| {
         layer < options.protect_first || (options.protect_last && layer + 1 == layers)
     };
-    // An aligned layer keeps at least one block, and whole blocks above the minimum.
-    let min_channels = options.min_ffn_channels.max(1).div_ceil(align) * align;
 
     let mut candidates: Vec<(f64, Unit)> = Vec::new();
     for (layer, s) in scores.iter().enumerate().filter(|(l, _)| !protected(*l)) {
@@ -275,21 +246,17 @@ pub fn select(
     let target = options.ratio_of.target(model, ratio);
     let mut kept_heads: Vec<usize> = shapes.iter().map(|s| s.num_kv_heads).collect();
     let mut kept_channels: Vec<usize> = shapes.iter().map(|s| s.intermediate).collect();
-    let mut removed_heads = vec![Vec::new(); layers];
-    // Per layer, the channels in the order the walk meets them (score, then index): the walk
-    // removes a prefix of it, since every channel of a model costs the same `3·hidden` and a
-    // layer stops giving channels only at its minimum.
-    let mut channel_order: Vec<Vec<usize>> = vec![Vec::new(); layers];
+    let mut removed_units = vec![Vec::new(); layers];
     let mut removed = 0usize;
     let mut exhausted = true;
     for &(_, unit) in &candidates {
-        if unit.kind == UnitKind::Ffn {
-            channel_order[unit.layer].push(unit.index);
-        }
         let shape = &shapes[unit.layer];
         let (kept, minimum) = match unit.kind {
             UnitKind::Attention => (&mut kept_heads[unit.layer], options.min_kv_heads.max(1)),
-            UnitKind::Ffn => (&mut kept_channels[unit.layer], min_channels),
+            UnitKind::Ffn => (
+                &mut kept_channels[unit.layer],
+                options.min_ffn_channels.max(1),
+            ),
         };
         if *kept <= minimum {
             continue;
@@ -301,27 +268,10 @@ pub fn select(
         }
         *kept -= 1;
         removed += cost;
-        if unit.kind == UnitKind::Attention {
-            removed_heads[unit.layer].push(unit.index);
-        }
+        removed_units[unit.layer].push(unit);
     }
-    let mut granularity = shapes.iter().map(LayerShape::ffn_channel_params).min();
-    if align > 1 {
-        let aligned = align_channels(
-            &shapes,
-            scores,
-            &channel_order,
-            &mut kept_channels,
-            min_channels,
-            align,
-            target,
-            removed,
-        );
-        exhausted &= !aligned.could_remove_more;
-        removed = aligned.removed;
-        granularity = granularity.map(|g| g * align);
-    }
-    if exhausted && target.saturating_sub(removed) >= granularity.unwrap_or(1) {
+    let cheapest = shapes.iter().map(LayerShape::ffn_channel_params).min();
+    if exhausted && target.saturating_sub(removed) >= cheapest.unwrap_or(1) {
         return Err(PlanError::Unreachable {
             ratio,
             reachable: removed as f64 / options.ratio_of.params(model).max(1) as f64,
@@ -331,13 +281,19 @@ pub fn select(
 
     Ok(shapes
         .iter()
+        .zip(removed_units)
         .enumerate()
-        .map(|(layer, shape)| {
-            let mut heads = removed_heads[layer].clone();
-            heads.sort_unstable();
-            let gone = shape.intermediate - kept_channels[layer];
-            let mut channels = channel_order[layer][..gone].to_vec();
-            channels.sort_unstable();
+        .map(|(layer, (shape, removed))| {
+            let gone = |kind| -> Vec<usize> {
+                let mut v: Vec<usize> = removed
+                    .iter()
+                    .filter(|u| u.kind == kind)
+                    .map(|u| u.index)
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let (heads, channels) = (gone(UnitKind::Attention), gone(UnitKind::Ffn));
             KeptUnits {
                 layer,
                 kv_heads: (0..shape.num_kv_heads)
@@ -349,111 +305,6 @@ pub fn select(
             }
         })
         .collect())
-}
-
-/// What [`align_channels`] arrived at.
-struct Aligned {
-    /// Parameters removed in all, heads included.
-    removed: usize,
-    /// Whether a layer could still give a block (one that did not fit under the target).
-    could_remove_more: bool,
-}
-
-/// [`select`]'s alignment step: moves each pruned layer's kept channel count (`kept`, from the
-/// walk) to a multiple of `align`, then trades whole blocks until the target is met from below.
-/// Layer `l` removes `order[l][..intermediate - kept[l]]`; `removed` counts the walk's
-/// parameters, heads included.
-#[allow(clippy::too_many_arguments)] // one step of `select`, sharing its state
-fn align_channels(
-    shapes: &[LayerShape],
-    scores: &[LayerScores],
-    order: &[Vec<usize>],
-    kept: &mut [usize],
-    min_channels: usize,
-    align: usize,
-    target: usize,
-    mut removed: usize,
-) -> Aligned {
-    // The kept counts a layer may take: its full width, or a multiple of `align` from
-    // `min_channels` up to the largest multiple within the width.
-    let top = |l: usize| shapes[l].intermediate / align * align;
-    let prunable = |l: usize| order[l].len() == shapes[l].intermediate && top(l) >= min_channels;
-    let cost = |l: usize, channels: usize| channels * shapes[l].ffn_channel_params();
-    // The mean score of layer `l`'s channels at removal positions `from..to`.
-    let mean = |l: usize, from: usize, to: usize| {
-        order[l][from..to]
-            .iter()
-            .map(|&c| scores[l].ffn_channels[c])
-            .sum::<f64>()
-            / (to - from).max(1) as f64
-    };
-    for l in 0..shapes.len() {
-        let full = shapes[l].intermediate;
-        if kept[l] == full {
-            continue;
-        }
-        let rounded = if prunable(l) {
-            ((kept[l] + align / 2) / align * align).clamp(min_channels, top(l))
-        } else {
-            full
-        };
-        removed = removed + cost(l, kept[l]) - cost(l, rounded);
-        kept[l] = rounded;
-    }
-    // The next kept count up (giving back a block) and down (removing one) of layer `l`.
-    let up = |l: usize, k: usize| {
-        let full = shapes[l].intermediate;
-        (k < full).then(|| if k + align <= top(l) { k + align } else { full })
-    };
-    let down = |l: usize, k: usize| {
-        let next = if k == shapes[l].intermediate && top(l) < k {
-            top(l)
-        } else {
-            k.saturating_sub(align)
-        };
-        (prunable(l) && next >= min_channels).then_some(next)
-    };
-    while removed > target {
-        // Give back the most important block: removal positions `full - up .. full - k`.
-        let best = (0..shapes.len())
-            .filter_map(|l| up(l, kept[l]).map(|u| (l, u)))
-            .max_by(|&(a, ua), &(b, ub)| {
-                let (fa, fb) = (shapes[a].intermediate, shapes[b].intermediate);
-                mean(a, fa - ua, fa - kept[a])
-                    .total_cmp(&mean(b, fb - ub, fb - kept[b]))
-                    .then(b.cmp(&a))
-            });
-        let Some((l, u)) = best else { break };
-        removed -= cost(l, u - kept[l]);
-        kept[l] = u;
-    }
-    let mut could_remove_more = false;
-    loop {
-        // Remove the least important block that still fits.
-        let mut fits = Vec::new();
-        for l in 0..shapes.len() {
-            if let Some(d) = down(l, kept[l]) {
-                if removed + cost(l, kept[l] - d) <= target {
-                    fits.push((l, d));
-                } else {
-                    could_remove_more = true;
-                }
-            }
-        }
-        let best = fits.into_iter().min_by(|&(a, da), &(b, db)| {
-            let (fa, fb) = (shapes[a].intermediate, shapes[b].intermediate);
-            mean(a, fa - kept[a], fa - da)
-                .total_cmp(&mean(b, fb - kept[b], fb - db))
-                .then(a.cmp(&b))
-        });
-        let Some((l, d)) = best else { break };
-        removed += cost(l, kept[l] - d);
-        kept[l] = d;
-    }
-    Aligned {
-        removed,
-        could_remove_more,
-    }
 }
 
 /// A FLAP plan: [`flap_scores`] from `stats`, [`select`]ed at `ratio`, with the calibration

@@ -59,9 +59,6 @@ pub struct PruneStep {
     /// What `ratio` is a fraction of (records older than the field: the prunable parameters).
     #[serde(default)]
     pub ratio_of: RatioBasis,
-    /// The FFN channel alignment ([`PruneOptions::align`](super::PruneOptions::align); 1: none).
-    #[serde(default = "one")]
-    pub align: usize,
     /// Projection weights this pass removed.
     pub removed_params: usize,
     /// The prunable parameters of the model this pass pruned
@@ -84,19 +81,14 @@ pub struct PruneStep {
     pub calibration: Option<CalibrationInfo>,
 }
 
-fn one() -> usize {
-    1
-}
-
 impl PruneStep {
     /// The step that removed `removed_params` weights from `model` (the model before this pass)
-    /// with `metric` at `ratio` of `ratio_of`, FFN widths aligned to `align`; both removed
+    /// with `metric` at `ratio` of `ratio_of`; both removed
     /// fractions filled in from `model`. Compensation and calibration are left off; set them.
     pub fn new(
         metric: PruneMetric,
         ratio: f64,
         ratio_of: RatioBasis,
-        align: usize,
         removed_params: usize,
         model: &Llama,
     ) -> Self {
@@ -105,7 +97,6 @@ impl PruneStep {
             metric,
             ratio,
             ratio_of,
-            align,
             removed_params,
             prunable_params: prunable,
             total_params: total,
