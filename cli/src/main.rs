@@ -399,7 +399,7 @@ fn compare_forward(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let refs: Vec<&fedtune_shared::model::Llama> = models.iter().map(|m| &m.model).collect();
     let (timings, paired) = bench::forward_alternating(&refs, seq_len, warmup, runs);
-    let bytes: Vec<usize> = refs.iter().map(|m| bench::weight_bytes(m)).collect();
+    let bytes: Vec<usize> = refs.iter().map(|&m| bench::weight_bytes(m)).collect();
     let speedup = |i: usize| timings[0].median_s / timings[i].median_s;
     let reduction = |i: usize| 1.0 - bytes[i] as f64 / bytes[0].max(1) as f64;
     if json {
