@@ -84,6 +84,56 @@ pub fn forward(model: &Llama, seq_len: usize, warmup: usize, runs: usize) -> Tim
     Timings::from_samples(samples)
 }
 
+/// One forward pass of each model, timed like [`forward`] but alternately in one process:
+/// round `i` runs every model once, in turn (reversed on odd rounds, so that no model always
+/// follows the same one). On a machine shared with other work, a slow spell then slows every
+/// model alike, and the ratio of their medians stays trustworthy where their absolute times do
+/// not.
+///
+/// Returns each model's timings and, per model, the median over rounds of
+/// `time(models[0]) / time(model)` in the same round (the paired speedup; 1 for the first).
+pub fn forward_alternating(
+    models: &[&Llama],
+    seq_len: usize,
+    warmup: usize,
+    runs: usize,
+) -> (Vec<Timings>, Vec<f64>) {
+    let runs = runs.max(1);
+    let inputs: Vec<Tensor<2, Int>> = models
+        .iter()
+        .map(|model| {
+            let ids = bench_ids(seq_len, model.vocab_size());
+            Tensor::from_data(TensorData::new(ids, [1, seq_len]), &model.device())
+        })
+        .collect();
+    let mut samples = vec![Vec::with_capacity(runs); models.len()];
+    for i in 0..warmup + runs {
+        let mut order: Vec<usize> = (0..models.len()).collect();
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for m in order {
+            let start = Instant::now();
+            let logits = models[m].forward(inputs[m].clone(), None);
+            let _: f32 = logits.narrow(1, seq_len - 1, 1).sum().into_scalar();
+            if i >= warmup {
+                samples[m].push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let paired = samples
+        .iter()
+        .map(|s| {
+            let ratios = samples[0].iter().zip(s).map(|(a, b)| a / b).collect();
+            Timings::from_samples(ratios).median_s
+        })
+        .collect();
+    (
+        samples.into_iter().map(Timings::from_samples).collect(),
+        paired,
+    )
+}
+
 /// Timings of one zeroth-order step.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ZoTimings {

@@ -271,10 +271,16 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
-    /// One forward pass (batch 1) at a given sequence length.
+    /// One forward pass (batch 1) at a given sequence length; with --compare, two models timed
+    /// alternately (a pruned model against its original): medians, speedup, weight memory.
     Forward {
         #[command(flatten)]
         model: ModelArgs,
+        /// Another model (.gguf or folder, e.g. `fedtune prune`'s output) timed alternately
+        /// with --model in the same process; the table gives its speedup and weight-memory
+        /// reduction relative to --model. Repeat to compare several.
+        #[arg(long)]
+        compare: Vec<PathBuf>,
         /// Tokens in the sequence.
         #[arg(long, default_value_t = 128)]
         seq_len: usize,
@@ -284,7 +290,8 @@ enum BenchCommand {
         /// Unmeasured warm-up runs.
         #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// Print JSON: {"median_s": X, "tokens_per_s": Y, "weight_bytes": Z, ...}.
+        /// Print JSON: {"median_s": X, "tokens_per_s": Y, "weight_bytes": Z, ...}; with
+        /// --compare, {"models": [...], "speedup": S, "weight_reduction": R, ...}.
         #[arg(long)]
         json: bool,
     },
@@ -382,6 +389,83 @@ impl ModelArgs {
         bar.finish_and_clear();
         Ok(pretrained)
     }
+}
+
+/// `fedtune bench forward --compare`: `base` and `others` timed alternately
+/// ([`bench::forward_alternating`]), printed as a table or JSON, each relative to `base`.
+fn compare_forward(
+    base: &ModelArgs,
+    others: &[ModelArgs],
+    seq_len: usize,
+    warmup: usize,
+    runs: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let args: Vec<&ModelArgs> = std::iter::once(base).chain(others).collect();
+    let models = args
+        .iter()
+        .map(|a| a.load(json))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let names = args
+        .iter()
+        .map(|a| a.path())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let refs: Vec<&fedtune_shared::model::Llama> = models.iter().map(|m| &m.model).collect();
+    let (timings, paired) = bench::forward_alternating(&refs, seq_len, warmup, runs);
+    let bytes: Vec<usize> = refs.iter().map(|&m| bench::weight_bytes(m)).collect();
+    let speedup = |i: usize| timings[0].median_s / timings[i].median_s;
+    let reduction = |i: usize| 1.0 - bytes[i] as f64 / bytes[0].max(1) as f64;
+    if json {
+        let rows: Vec<serde_json::Value> = (0..refs.len())
+            .map(|i| {
+                json!({
+                    "model": names[i].display().to_string(),
+                    "median_s": timings[i].median_s,
+                    "min_s": timings[i].min_s,
+                    "runs": timings[i].runs,
+                    "weight_bytes": bytes[i],
+                    "params": fedtune_shared::prune::model_params(refs[i]),
+                    "speedup": speedup(i),
+                    "paired_speedup": paired[i],
+                    "weight_reduction": reduction(i),
+                })
+            })
+            .collect();
+        // The first comparison's figures at the top level, for the common two-model case.
+        println!(
+            "{}",
+            json!({
+                "seq_len": seq_len,
+                "backend": base.backend,
+                "models": rows,
+                "speedup": speedup(1),
+                "paired_speedup": paired[1],
+                "weight_reduction": reduction(1),
+            })
+        );
+    } else {
+        println!(
+            "forward, batch 1 x {seq_len} tokens, {} runs each, alternating ({} backend)",
+            timings[0].runs, base.backend
+        );
+        println!(
+            "| model | median (s) | min (s) | speedup | paired speedup | weights (MiB) | weight reduction |"
+        );
+        println!("|---|---|---|---|---|---|---|");
+        for i in 0..refs.len() {
+            println!(
+                "| {} | {:.4} | {:.4} | {:.3}x | {:.3}x | {:.1} | {:.1}% |",
+                names[i].display(),
+                timings[i].median_s,
+                timings[i].min_s,
+                speedup(i),
+                paired[i],
+                bytes[i] as f64 / 1048576.0,
+                100.0 * reduction(i)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `--targets q_proj,v_proj` as target modules.
@@ -498,6 +582,27 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Privacy { clients, degree } => bench_privacy::run(clients, degree)?,
             BenchCommand::Forward {
                 model,
+                compare,
+                seq_len,
+                runs,
+                warmup,
+                json,
+            } if !compare.is_empty() => {
+                if seq_len == 0 {
+                    bail!("--seq-len must be positive");
+                }
+                let others: Vec<ModelArgs> = compare
+                    .into_iter()
+                    .map(|path| ModelArgs {
+                        model: Some(path),
+                        backend: model.backend.clone(),
+                    })
+                    .collect();
+                compare_forward(&model, &others, seq_len, warmup, runs, json)?;
+            }
+            BenchCommand::Forward {
+                model,
+                compare: _,
                 seq_len,
                 runs,
                 warmup,

@@ -13,8 +13,9 @@ use burn::module::Module;
 use clap::{Args, ValueEnum};
 use fedtune_shared::model::Llama;
 use fedtune_shared::prune::{
-    CalibrationInfo, LayerShape, PruneMetric, PruneOptions, PruneStep, PruningRecord, calibrate,
-    plan_flap, plan_magnitude, prunable_params, prune_model, write_pruned_folder,
+    CalibrationInfo, LayerShape, PruneMetric, PruneOptions, PruneStep, PruningRecord, RatioBasis,
+    calibrate, model_params, plan_flap, plan_magnitude, prunable_params, prune_model,
+    write_pruned_folder,
 };
 use fedtune_shared::zo::federation::heldout_loss;
 use serde_json::json;
@@ -43,6 +44,25 @@ impl Metric {
     }
 }
 
+/// What `--ratio` is a fraction of (`--ratio-of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RatioOf {
+    /// The attention and MLP projection weights, the only ones structured pruning removes.
+    Prunable,
+    /// Every weight of the model, embeddings and output head included (LLM-Pruner's and FLAP's
+    /// "pruning ratio").
+    Total,
+}
+
+impl From<RatioOf> for RatioBasis {
+    fn from(basis: RatioOf) -> Self {
+        match basis {
+            RatioOf::Prunable => RatioBasis::Prunable,
+            RatioOf::Total => RatioBasis::Total,
+        }
+    }
+}
+
 impl From<Metric> for PruneMetric {
     fn from(metric: Metric) -> Self {
         match metric {
@@ -57,9 +77,14 @@ impl From<Metric> for PruneMetric {
 pub struct PruneArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Fraction of the prunable parameters (attention and MLP projection weights) to remove.
+    /// Fraction of the parameters to remove, counted as --ratio-of says.
     #[arg(long)]
     ratio: f64,
+    /// What --ratio is a fraction of: the prunable parameters (attention and MLP projection
+    /// weights) or the whole model (embeddings, output head and norms included, as the pruning
+    /// literature counts; 30% of SmolLM2-135M is 38% of its prunable weights).
+    #[arg(long, value_enum, default_value_t = RatioOf::Prunable)]
+    ratio_of: RatioOf,
     /// How units are ranked.
     #[arg(long, value_enum, default_value_t = Metric::Flap)]
     metric: Metric,
@@ -162,6 +187,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         protect_first: args.protect_first,
         protect_last: args.protect_last,
         bias_compensation: compensation,
+        ratio_of: args.ratio_of.into(),
         ..PruneOptions::default()
     };
     let plan = match (args.metric, &stats) {
@@ -176,12 +202,10 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
 
     let shapes_before: Vec<LayerShape> = model.layers.iter().map(LayerShape::of).collect();
     let prunable = prunable_params(&model);
+    let total = model_params(&model);
     let removed = plan.removed_params(&model);
     let params_before = model.num_params();
     let step = PruneStep {
-        metric: args.metric.into(),
-        ratio: args.ratio,
-        removed_params: removed,
         bias_compensation: compensation,
         calibration: stats.as_ref().map(|s| CalibrationInfo {
             text: text_path.display().to_string(),
@@ -189,6 +213,13 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             seq_len: args.seq_len,
             tokens: s.tokens(),
         }),
+        ..PruneStep::new(
+            args.metric.into(),
+            args.ratio,
+            options.ratio_of,
+            removed,
+            &model,
+        )
     };
     let record = match earlier {
         Some(earlier) => earlier.then(&plan.keep, step),
@@ -229,6 +260,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
         .collect();
     let report = Report {
         prunable,
+        total,
         removed,
         params_before,
         params_after: pruned.num_params(),
@@ -241,10 +273,14 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
             json!({
                 "metric": args.metric.name(),
                 "ratio": args.ratio,
+                "ratio_of": options.ratio_of.name(),
                 "bias_compensation": compensation,
                 "prunable_params": prunable,
+                "total_params": total,
                 "removed_params": removed,
                 "removed_fraction": removed as f64 / prunable.max(1) as f64,
+                "removed_fraction_of_prunable": removed as f64 / prunable.max(1) as f64,
+                "removed_fraction_of_total": removed as f64 / total.max(1) as f64,
                 "params_before": report.params_before,
                 "params_after": report.params_after,
                 "calibration": calibrate_s.map(|seconds| json!({
@@ -282,6 +318,7 @@ pub fn run(args: PruneArgs) -> anyhow::Result<()> {
 /// The numbers of a pruning run that the report prints.
 struct Report {
     prunable: usize,
+    total: usize,
     removed: usize,
     params_before: usize,
     params_after: usize,
@@ -304,9 +341,10 @@ fn print_report(
         "on"
     };
     println!(
-        "metric {}, ratio {}, bias compensation {compensation}",
+        "metric {}, ratio {} of the {} parameters, bias compensation {compensation}",
         args.metric.name(),
-        args.ratio
+        args.ratio,
+        RatioBasis::from(args.ratio_of),
     );
     let text_name = text.file_name().map_or(text, Path::new).display();
     if let Some(calibrate_s) = calibrate_s {
@@ -316,10 +354,12 @@ fn print_report(
         );
     }
     println!(
-        "removed {} of {} prunable parameters ({:.2}%); model {} -> {} parameters ({:.1} -> {:.1} MiB as f32)",
+        "removed {} parameters: {:.2}% of the {} prunable, {:.2}% of all {}; model {} -> {} parameters ({:.1} -> {:.1} MiB as f32)",
         report.removed,
-        report.prunable,
         100.0 * report.removed as f64 / report.prunable.max(1) as f64,
+        report.prunable,
+        100.0 * report.removed as f64 / report.total.max(1) as f64,
+        report.total,
         report.params_before,
         report.params_after,
         report.params_before as f64 * 4.0 / 1048576.0,

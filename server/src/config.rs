@@ -289,7 +289,13 @@ impl AlgorithmConfig {
                 train,
                 local_steps,
                 ..
-            } => (lora, ranks, train, local_steps, AggregationStrategy::FlexLora),
+            } => (
+                lora,
+                ranks,
+                train,
+                local_steps,
+                AggregationStrategy::FlexLora,
+            ),
         };
         Some(crate::algorithm::lora::LoraSettings {
             lora: lora.clone(),

@@ -12,8 +12,8 @@ use fedtune_shared::checkpoint::{CheckpointError, GgmlType, GgufMetadata, HfFold
 use fedtune_shared::model::{Llama, LlamaConfig, TokenBatch};
 use fedtune_shared::prune::{
     Axis, CalibrationInfo, KeptUnits, PRUNING_FILE, PruneMetric, PruneOptions, PrunePlan,
-    PruneStep, PruningRecord, calibrate, gather, plan_flap, plan_magnitude, prune_model,
-    write_pruned_folder,
+    PruneStep, PruningRecord, RatioBasis, calibrate, gather, plan_flap, plan_magnitude,
+    prune_model, write_pruned_folder,
 };
 
 mod gqa_model;
@@ -44,7 +44,12 @@ fn step(metric: PruneMetric, ratio: f64, removed_params: usize) -> PruneStep {
     PruneStep {
         metric,
         ratio,
+        ratio_of: RatioBasis::Prunable,
         removed_params,
+        prunable_params: 0,
+        total_params: 0,
+        removed_fraction_of_prunable: 0.0,
+        removed_fraction_of_total: 0.0,
         bias_compensation: true,
         calibration: Some(CalibrationInfo {
             text: "<synthetic>".into(),

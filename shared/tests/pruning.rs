@@ -18,8 +18,9 @@ use fedtune_shared::model::{Llama, TokenBatch};
 use fedtune_shared::prune::flap::{attention_fluctuation, standardise};
 use fedtune_shared::prune::{
     Axis, CalibrationStats, ChannelStats, KeptUnits, LayerShape, LayerStats, PlanError,
-    PruneOptions, PrunePlan, calibrate, compensation_bias, gather, layer_flap_scores,
-    layer_magnitude, plan_flap, plan_magnitude, prunable_params, prune_model, scatter,
+    PruneOptions, PrunePlan, RatioBasis, calibrate, compensation_bias, gather, layer_flap_scores,
+    layer_magnitude, model_params, plan_flap, plan_magnitude, prunable_params, prune_model,
+    scatter,
 };
 
 mod gqa_model;
@@ -225,6 +226,76 @@ fn pruned_tensors_have_the_planned_shapes_and_the_target_size() {
         assert_eq!(out.dims()[2], c.vocab_size);
     }
     assert!(heads_pruned > 0, "some plan removed an attention unit");
+}
+
+#[test]
+fn a_ratio_of_the_whole_model_counts_every_weight() {
+    let full = model(5);
+    let c = config();
+    let stats = calibrate(&full, &sequences(12, 5));
+    let (prunable, total) = (prunable_params(&full), model_params(&full));
+    // Tied 64 x 32 embedding, two norms a layer and the final one, no biases yet.
+    assert_eq!(total, prunable + 64 * 32 + (2 * c.num_layers + 1) * 32);
+    assert_eq!(total, c.num_params());
+    for ratio in [0.1, 0.3, 0.5] {
+        let target = (ratio * total as f64).round() as usize;
+        assert_eq!(RatioBasis::Total.target(&full, ratio), target);
+        for compensation in [false, true] {
+            let options = PruneOptions {
+                ratio_of: RatioBasis::Total,
+                bias_compensation: compensation,
+                ..PruneOptions::default()
+            };
+            let plan = plan_flap(&stats, &full, ratio, &options).unwrap();
+            let removed = plan.removed_params(&full);
+            // Within one unit (one FFN channel, 3 x 32 parameters) of the target, from below.
+            assert!(
+                removed <= target && target - removed < 96,
+                "ratio {ratio} of {total}: removed {removed}, target {target}"
+            );
+            let (pruned, _) = prune_model(full.clone(), &plan);
+            assert_eq!(prunable_params(&pruned), prunable - removed);
+            let biases: usize = pruned
+                .layers
+                .iter()
+                .map(|l| {
+                    32 * (l.attention.o_proj.bias.is_some() as usize
+                        + l.mlp.down_proj.bias.is_some() as usize)
+                })
+                .sum();
+            assert_eq!(biases > 0, compensation);
+            assert_eq!(model_params(&pruned), total - removed + biases);
+            if !compensation {
+                // Still the full model with the removed units zeroed.
+                let seqs = sequences(4, 50);
+                let reference = logits(&masked(full.clone(), &plan), &seqs);
+                let diff = relative_difference(&logits(&pruned, &seqs), &reference);
+                assert!(diff < 1e-5, "relative difference {diff}");
+            }
+        }
+    }
+    // The same ratio of the whole model removes more than of the prunable part, by the share
+    // that cannot be pruned.
+    let on = |ratio_of| {
+        let options = PruneOptions {
+            ratio_of,
+            ..PruneOptions::default()
+        };
+        plan_flap(&stats, &full, 0.3, &options)
+            .unwrap()
+            .removed_params(&full)
+    };
+    assert!(on(RatioBasis::Total) > on(RatioBasis::Prunable));
+    // Out of reach on the whole-model basis: the error says which basis.
+    let options = PruneOptions {
+        ratio_of: RatioBasis::Total,
+        ..PruneOptions::default()
+    };
+    let err = plan_flap(&stats, &full, 0.99, &options).unwrap_err();
+    assert!(
+        matches!(err, PlanError::Unreachable { basis: RatioBasis::Total, reachable, .. } if reachable < 0.99)
+    );
+    assert!(err.to_string().contains("of the total parameters"), "{err}");
 }
 
 #[test]

@@ -7,8 +7,8 @@
 //!   pass ([`calibrate`]);
 //! - [`magnitude`], [`flap`]: importance scores (weight magnitude; FLAP's fluctuation metric and
 //!   bias compensation);
-//! - [`plan`]: one global ranking cut at a fraction of the prunable parameters ([`plan_flap`],
-//!   [`plan_magnitude`], [`select`]);
+//! - [`plan`]: one global ranking cut at a fraction of the prunable parameters or of the whole
+//!   model ([`RatioBasis`]) ([`plan_flap`], [`plan_magnitude`], [`select`]);
 //! - [`structural`]: applying a plan ([`prune_model`]);
 //! - [`kept`]: the per-layer record of kept units, and the maps between pruned and full
 //!   coordinates;
@@ -48,11 +48,11 @@ pub use flap::{compensation_bias, flap_scores, layer_flap_scores};
 pub use kept::{Axis, KeptUnits, gather, scatter};
 pub use lora_importance::{LoraImportance, layer_importance};
 pub use magnitude::{layer_magnitude, magnitude_rms, magnitude_scores};
-pub use plan::{PlanError, PruneOptions, PrunePlan, plan_flap, plan_magnitude, select};
+pub use plan::{PlanError, PruneOptions, PrunePlan, RatioBasis, plan_flap, plan_magnitude, select};
 pub use prune_tune::{LocalTuning, PruneTuneError, PruneTuneRound, prune_and_tune};
 pub use record::{
     CalibrationInfo, PRUNING_FILE, PruneMetric, PruneStep, PruningRecord, write_pruned_folder,
 };
 pub use schedule::{ImportanceKind, PruneSchedule, cubic_ratio, pruning_points};
 pub use structural::prune_model;
-pub use units::{LayerScores, LayerShape, Unit, UnitKind, prunable_params};
+pub use units::{LayerScores, LayerShape, Unit, UnitKind, model_params, prunable_params};

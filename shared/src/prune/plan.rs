@@ -1,5 +1,6 @@
 //! Choosing what to prune: one global ranking of every unit of every layer, cut at a target
-//! fraction of the prunable parameters.
+//! count of removed parameters: a fraction of the prunable parameters (fedtune's default) or of
+//! the whole model (the literature's "pruning ratio"; [`RatioBasis`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -7,8 +8,54 @@ use super::calibration::{CalibrationStats, InputMeans};
 use super::flap::flap_scores;
 use super::kept::KeptUnits;
 use super::magnitude::magnitude_rms;
-use super::units::{LayerScores, LayerShape, Unit, UnitKind, prunable_params};
+use super::units::{LayerScores, LayerShape, Unit, UnitKind, model_params, prunable_params};
 use crate::model::Llama;
+
+/// What a pruning ratio is a fraction of.
+///
+/// The two differ by the weights structured pruning cannot touch: embeddings, output head,
+/// norms. In SmolLM2-135M the tied 49152×576 embedding alone is 21% of the model, so 30% of the
+/// prunable weights is 23.7% of the model, and 30% of the model is 38% of the prunable weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RatioBasis {
+    /// The seven projections of every layer ([`prunable_params`]): fedtune's default, and what
+    /// FedSpine's schedule and a device's assigned ratio count.
+    #[default]
+    Prunable,
+    /// Every weight of the model ([`model_params`]), as LLM-Pruner's and FLAP's "pruning ratio
+    /// 20%" (LLaMA-7B 6.7B → 5.4B parameters).
+    Total,
+}
+
+impl RatioBasis {
+    /// The parameter count a ratio on this basis is a fraction of.
+    pub fn params(self, model: &Llama) -> usize {
+        match self {
+            Self::Prunable => prunable_params(model),
+            Self::Total => model_params(model),
+        }
+    }
+
+    /// The parameters to remove from `model` for `ratio` on this basis: `round(ratio · params)`.
+    pub fn target(self, model: &Llama, ratio: f64) -> usize {
+        (ratio * self.params(model) as f64).round() as usize
+    }
+
+    /// The basis's name (`prunable`, `total`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Prunable => "prunable",
+            Self::Total => "total",
+        }
+    }
+}
+
+impl std::fmt::Display for RatioBasis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Constraints on a pruning plan.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,6 +73,9 @@ pub struct PruneOptions {
     /// Fold the mean of removed inputs into the `o_proj`/`down_proj` biases (FLAP's bias
     /// compensation; [`plan_flap`] only, since it needs calibration means). Default `true`.
     pub bias_compensation: bool,
+    /// What the ratio is a fraction of. Default [`RatioBasis::Prunable`].
+    #[serde(default)]
+    pub ratio_of: RatioBasis,
 }
 
 impl Default for PruneOptions {
@@ -36,6 +86,7 @@ impl Default for PruneOptions {
             min_kv_heads: 1,
             min_ffn_channels: 1,
             bias_compensation: true,
+            ratio_of: RatioBasis::Prunable,
         }
     }
 }
@@ -62,13 +113,15 @@ pub enum PlanError {
     Mismatch(String),
     /// Every unit the options allow was removed and the target is still out of reach.
     #[error(
-        "at most {reachable:.4} of the prunable parameters can go under these options, not {ratio}"
+        "at most {reachable:.4} of the {basis} parameters can go under these options, not {ratio}"
     )]
     Unreachable {
         /// The requested ratio.
         ratio: f64,
-        /// The largest ratio the options allow.
+        /// The largest ratio the options allow, on the same basis.
         reachable: f64,
+        /// What both ratios are fractions of.
+        basis: RatioBasis,
     },
     /// A kept-unit record is invalid for its layer.
     #[error("invalid plan: {0}")]
@@ -132,8 +185,9 @@ impl PrunePlan {
     }
 }
 
-/// Chooses the units to remove so that about `ratio` of the model's prunable parameters
-/// ([`prunable_params`], counted over every layer, protected ones included) go.
+/// Chooses the units to remove so that about `ratio` of the model's parameters go, counted on
+/// `options.ratio_of` ([`RatioBasis`]: the prunable ones, [`prunable_params`], counted over every
+/// layer, protected ones included; or all of them, [`model_params`]).
 ///
 /// `scores` must be comparable across layers and kinds (FLAP's standardised scores,
 /// [`magnitude_rms`]); higher is more important. The rule:
@@ -143,11 +197,13 @@ impl PrunePlan {
 /// 3. a unit is removed when its layer keeps more than the minimum of its kind afterwards and
 ///    its parameter cost ([`LayerShape::unit_params`]: a head of SmolLM2 costs as much as
 ///    `2(g+1)·head_dim/3 ≈ 171` channels) still fits under the target
-///    `round(ratio · prunable)`; otherwise it is passed over and the walk goes on.
+///    `round(ratio · basis)` ([`RatioBasis::target`]); otherwise it is passed over and the walk
+///    goes on.
 ///
 /// This is FLAP's cost-weighted threshold (`compression_weight` in their code) taken from below:
 /// the removed count never exceeds the target and falls short of it by less than the cheapest
-/// unit still available.
+/// unit still available. Only projection weights count as removed; the compensation biases a
+/// plan may add (one `hidden`-wide vector per pruned projection) are not subtracted.
 ///
 /// # Errors
 /// [`PlanError::Ratio`] outside `[0, 1)`, [`PlanError::Mismatch`] when the scores do not fit the
@@ -187,8 +243,7 @@ pub fn select(
     }
     candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
 
-    let prunable = prunable_params(model);
-    let target = (ratio * prunable as f64).round() as usize;
+    let target = options.ratio_of.target(model, ratio);
     let mut kept_heads: Vec<usize> = shapes.iter().map(|s| s.num_kv_heads).collect();
     let mut kept_channels: Vec<usize> = shapes.iter().map(|s| s.intermediate).collect();
     let mut removed_units = vec![Vec::new(); layers];
@@ -216,10 +271,11 @@ pub fn select(
         removed_units[unit.layer].push(unit);
     }
     let cheapest = shapes.iter().map(LayerShape::ffn_channel_params).min();
-    if exhausted && target - removed >= cheapest.unwrap_or(1) {
+    if exhausted && target.saturating_sub(removed) >= cheapest.unwrap_or(1) {
         return Err(PlanError::Unreachable {
             ratio,
-            reachable: removed as f64 / prunable.max(1) as f64,
+            reachable: removed as f64 / options.ratio_of.params(model).max(1) as f64,
+            basis: options.ratio_of,
         });
     }
 

@@ -14,7 +14,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::kept::KeptUnits;
-use super::units::LayerShape;
+use super::plan::RatioBasis;
+use super::units::{LayerShape, model_params, prunable_params};
 use crate::checkpoint::export::write_hf_folder;
 use crate::checkpoint::{CheckpointError, WeightSource};
 use crate::model::{Llama, LlamaConfig};
@@ -53,14 +54,58 @@ pub struct CalibrationInfo {
 pub struct PruneStep {
     /// The importance score.
     pub metric: PruneMetric,
-    /// The requested fraction of the pruned model's prunable parameters.
+    /// The requested fraction of the pruned model's parameters, counted on `ratio_of`.
     pub ratio: f64,
+    /// What `ratio` is a fraction of (records older than the field: the prunable parameters).
+    #[serde(default)]
+    pub ratio_of: RatioBasis,
     /// Projection weights this pass removed.
     pub removed_params: usize,
+    /// The prunable parameters of the model this pass pruned
+    /// ([`prunable_params`](super::prunable_params); 0 in records older than the field).
+    #[serde(default)]
+    pub prunable_params: usize,
+    /// All parameters of the model this pass pruned ([`model_params`](super::model_params); 0 in
+    /// records older than the field).
+    #[serde(default)]
+    pub total_params: usize,
+    /// `removed_params / prunable_params`.
+    #[serde(default)]
+    pub removed_fraction_of_prunable: f64,
+    /// `removed_params / total_params`.
+    #[serde(default)]
+    pub removed_fraction_of_total: f64,
     /// Whether removed inputs' means were folded into the `o_proj`/`down_proj` biases.
     pub bias_compensation: bool,
     /// The calibration text, when the pass calibrated.
     pub calibration: Option<CalibrationInfo>,
+}
+
+impl PruneStep {
+    /// The step that removed `removed_params` weights from `model` (the model before this pass)
+    /// with `metric` at `ratio` of `ratio_of`; both removed
+    /// fractions filled in from `model`. Compensation and calibration are left off; set them.
+    pub fn new(
+        metric: PruneMetric,
+        ratio: f64,
+        ratio_of: RatioBasis,
+        removed_params: usize,
+        model: &Llama,
+    ) -> Self {
+        let (prunable, total) = (prunable_params(model), model_params(model));
+        Self {
+            metric,
+            ratio,
+            ratio_of,
+            removed_params,
+            prunable_params: prunable,
+            total_params: total,
+            removed_fraction_of_prunable: removed_params as f64 / prunable.max(1) as f64,
+            removed_fraction_of_total: removed_params as f64 / total.max(1) as f64,
+            bias_compensation: false,
+            calibration: None,
+        }
+    }
 }
 
 /// `pruning.json`: what a pruned model kept of the full model, and the passes that pruned it.

@@ -116,6 +116,40 @@ pub fn prunable_params(model: &Llama) -> usize {
         .sum()
 }
 
+/// Every weight of the model, adapters aside: embeddings, output head, norms, the projections
+/// and their biases. What [`RatioBasis::Total`](super::RatioBasis::Total) is a fraction of (the
+/// "pruning ratio" of LLM-Pruner and FLAP), and what structured pruning can at best shrink by
+/// the [`prunable_params`] share.
+pub fn model_params(model: &Llama) -> usize {
+    let linear = |l: &crate::model::linear::Linear| {
+        let (d_input, d_output) = l.dims();
+        d_input * d_output + l.bias.as_ref().map_or(0, |b| b.dims()[0])
+    };
+    let [vocab, hidden] = model.embed_tokens.dims();
+    let layers: usize = model
+        .layers
+        .iter()
+        .map(|layer| {
+            let (a, m) = (&layer.attention, &layer.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+            .into_iter()
+            .map(linear)
+            .sum::<usize>()
+                + layer.input_norm.gamma.dims()[0]
+                + layer.post_attention_norm.gamma.dims()[0]
+        })
+        .sum();
+    vocab * hidden + layers + model.norm.gamma.dims()[0] + model.lm_head.as_ref().map_or(0, linear)
+}
+
 /// The query heads of key/value heads `kv_heads` (each `k` owns `k·group .. (k+1)·group`).
 pub fn query_heads(kv_heads: &[usize], group: usize) -> Vec<usize> {
     kv_heads
