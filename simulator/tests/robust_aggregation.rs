@@ -66,10 +66,15 @@ fn population(fleet: &FleetConfig) -> Population {
     population
 }
 
-/// LoRA at one rank (robust rules compare updates coordinate by coordinate).
+/// LoRA at one rank (robust rules compare updates coordinate by coordinate), without dropout:
+/// its masks come from the backend's generator, not the plan's seed, and would make two runs
+/// differ.
 fn lora() -> AlgorithmConfig {
     AlgorithmConfig::Lora {
-        lora: LoraConfig::default(),
+        lora: LoraConfig {
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
         ranks: vec![4],
         train: TrainConfig {
             lr: 1e-2,
