@@ -66,7 +66,11 @@ pub fn run(args: BenchSimulateArgs) -> anyhow::Result<()> {
     let (model, vocab, label) = if args.real_model {
         let pretrained = args.model.load(args.json)?;
         let vocab = pretrained.config.vocab_size;
-        (pretrained.model, vocab, pretrained.path.display().to_string())
+        (
+            pretrained.model,
+            vocab,
+            pretrained.path.display().to_string(),
+        )
     } else {
         let config = LlamaConfig::tiny();
         let vocab = config.vocab_size;
@@ -154,7 +158,14 @@ pub fn run(args: BenchSimulateArgs) -> anyhow::Result<()> {
     let mut records: Vec<RoundRecord> = Vec::new();
     let started = Instant::now();
     run_in_process(
-        "bench", &args.algorithm, &model, &mut driver, &blobs, &population, &fleet, &policy,
+        "bench",
+        &args.algorithm,
+        &model,
+        &mut driver,
+        &blobs,
+        &population,
+        &fleet,
+        &policy,
         &evaluator,
         |r| records.push(r.clone()),
     )?;
@@ -184,9 +195,14 @@ pub fn run(args: BenchSimulateArgs) -> anyhow::Result<()> {
     }
     println!(
         "{} virtual devices on {label}, {} per round, {} ({} rounds, devices one at a time)",
-        args.clients, args.per_round, args.algorithm, records.len()
+        args.clients,
+        args.per_round,
+        args.algorithm,
+        records.len()
     );
-    println!("| round | host (s) | device training (s) | evaluation (s) | harness overhead (s) | overhead per device (ms) |");
+    println!(
+        "| round | host (s) | device training (s) | evaluation (s) | harness overhead (s) | overhead per device (ms) |"
+    );
     println!("|---|---|---|---|---|---|");
     for (r, o) in records.iter().zip(&overhead) {
         println!(

@@ -76,8 +76,10 @@ impl Progress for Bars {
             r.clients,
             r.dropped,
             r.train_loss,
-            r.heldout_loss
-                .map_or(String::new(), |l| format!(", held-out {l:.4} (ppl {:.2})", l.exp()))
+            r.heldout_loss.map_or(String::new(), |l| format!(
+                ", held-out {l:.4} (ppl {:.2})",
+                l.exp()
+            ))
         ));
     }
 
@@ -106,7 +108,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
         None => SimulationConfig::default_simulation(),
     };
     if let Some(t) = &args.transport {
-        config.transport = if t == "quic" { Transport::Quic } else { Transport::InProcess };
+        config.transport = if t == "quic" {
+            Transport::Quic
+        } else {
+            Transport::InProcess
+        };
     }
     if let Some(rounds) = args.rounds {
         config.rounds = rounds;
@@ -162,7 +168,10 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
 
 /// Runs `fedtune report`.
 pub fn report(args: ReportArgs) -> anyhow::Result<()> {
-    println!("{}", fedtune_simulator::report::report(&args.runs, args.target_loss)?);
+    println!(
+        "{}",
+        fedtune_simulator::report::report(&args.runs, args.target_loss)?
+    );
     if let Some(dir) = &args.plots {
         for path in fedtune_simulator::plot::plot_run_dirs(&args.runs, dir)? {
             eprintln!("wrote {}", path.display());

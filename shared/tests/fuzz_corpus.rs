@@ -250,6 +250,7 @@ fn fedkseed_plan() -> Plan {
             },
             batch_size: 4,
         },
+        secure: None,
     }
 }
 

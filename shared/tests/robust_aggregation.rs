@@ -78,9 +78,7 @@ fn run(rule: RobustRule) -> Vec<f32> {
             updates.push(delta);
         }
         let refs: Vec<&[f32]> = updates.iter().map(Vec::as_slice).collect();
-        let combined = rule
-            .aggregate(&refs, &[1.0; CLIENTS])
-            .expect("aggregate");
+        let combined = rule.aggregate(&refs, &[1.0; CLIENTS]).expect("aggregate");
         global = apply_adapter_delta(&global, &combined).expect("apply");
         losses.push(eval(&global));
     }

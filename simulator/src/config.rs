@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 
 use fedtune_server::config::{AlgorithmConfig, PrivacySettings};
-use fedtune_shared::robust::RobustRule;
 use fedtune_shared::data::instructions::InstructionFields;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::robust::RobustRule;
 use fedtune_shared::zo::round::ZoRunConfig;
 use serde::{Deserialize, Serialize};
 
@@ -427,9 +427,23 @@ mod tests {
         assert!(e.contains("sim.toml"), "{e}");
         let mut config = SimulationConfig::default_simulation();
         config.runs[1].label = "fedkseed".into();
-        assert!(config.validate().unwrap_err().to_string().contains("same label"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("same label")
+        );
         let mut config = SimulationConfig::default_simulation();
-        config.fleet = FleetSpec::Mix { mix: "phones".into() };
-        assert!(config.validate().unwrap_err().to_string().contains("phones"));
+        config.fleet = FleetSpec::Mix {
+            mix: "phones".into(),
+        };
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("phones")
+        );
     }
 }

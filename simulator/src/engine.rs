@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use burn::module::Module;
 use fedtune_client::trainer::FedKSeedModel;
+use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::algorithm::fedkseed::FedKSeed;
 use fedtune_server::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use fedtune_server::algorithm::lora::{Lora, LoraSettings};
-use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
 use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_server::config::AlgorithmConfig;
@@ -98,7 +98,14 @@ impl Driver {
         seed: u64,
         max_norm: Option<f64>,
     ) -> Result<Self, EngineError> {
-        Self::with_combiner(config, base, blobs, seed, max_norm, UpdateCombiner::default())
+        Self::with_combiner(
+            config,
+            base,
+            blobs,
+            seed,
+            max_norm,
+            UpdateCombiner::default(),
+        )
     }
 
     /// [`Self::new`] with the daemon's `[robust]` / `[privacy]` combination of updates.
@@ -257,7 +264,8 @@ pub fn run_in_process(
     for round in 1..=policy.rounds {
         let started = Instant::now();
         driver.catch_up()?;
-        let mut rng = ChaCha8Rng::seed_from_u64(policy.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(policy.seed ^ round.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let available: Vec<usize> = (0..population.clients.len())
             .filter(|&i| rng.random::<f64>() < profile(fleet, population, i).availability)
             .collect();
@@ -287,11 +295,13 @@ pub fn run_in_process(
                 local_seed: seed,
                 deadline_ms: policy.deadline_s.map_or(0, |s| (s * 1000.0) as u64),
                 task: task.clone(),
+                secure: None,
             };
             let signed = server_key
                 .sign_value(PLAN_LABEL, &plan)
                 .map_err(|e| EngineError::Encode(e.to_string()))?;
-            let frame = encode(&Response::Plan(signed)).map_err(|e| EngineError::Encode(e.to_string()))?;
+            let frame =
+                encode(&Response::Plan(signed)).map_err(|e| EngineError::Encode(e.to_string()))?;
             last_seen[c] = round - 1;
             bytes_down += frame.len() as u64;
             jobs.push((c, device, task, seed, frame.len() as u64, dropped));
@@ -400,7 +410,11 @@ pub fn run_in_process(
     Ok(initial)
 }
 
-fn profile<'a>(fleet: &'a [DeviceProfile], population: &Population, client: usize) -> &'a DeviceProfile {
+fn profile<'a>(
+    fleet: &'a [DeviceProfile],
+    population: &Population,
+    client: usize,
+) -> &'a DeviceProfile {
     let index = population.clients[client].profile.min(fleet.len() - 1);
     &fleet[index]
 }
@@ -424,7 +438,13 @@ fn train_all(
         let (client, device, task, seed, down, dropped) = job;
         let outcome = (!dropped).then(|| {
             let models = SharedModels { base, fedkseed };
-            run_task(&models, blobs, task, *seed, &population.training_data(*client))
+            run_task(
+                &models,
+                blobs,
+                task,
+                *seed,
+                &population.training_data(*client),
+            )
         });
         Attempt {
             client: *client,

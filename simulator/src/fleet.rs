@@ -176,7 +176,12 @@ pub fn assign(profiles: &[DeviceProfile], clients: usize) -> Vec<usize> {
 
 /// A device's simulated round: compute measured on this machine scaled by its speed, plus its
 /// transfers over its links.
-pub fn round_time_s(profile: &DeviceProfile, compute_s: f64, down_bytes: u64, up_bytes: u64) -> f64 {
+pub fn round_time_s(
+    profile: &DeviceProfile,
+    compute_s: f64,
+    down_bytes: u64,
+    up_bytes: u64,
+) -> f64 {
     compute_s / profile.speed
         + down_bytes as f64 / profile.down_bytes_per_s
         + up_bytes as f64 / profile.up_bytes_per_s

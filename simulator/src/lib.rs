@@ -7,12 +7,12 @@
 
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod engine;
 pub mod evaluation;
 pub mod fleet;
 pub mod local;
 pub mod plot;
-pub mod config;
 pub mod population;
 pub mod quic;
 pub mod record;

@@ -6,9 +6,9 @@ use fedtune_client::trainer::{
     FedKSeedModel, TrainError, TrainingData, train_fedspine, train_lora,
 };
 use fedtune_server::blobs::{BlobError, Blobs};
+use fedtune_shared::lora::adapter::AdapterWeights;
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
-use fedtune_shared::lora::adapter::AdapterWeights;
 use fedtune_shared::protocol::{BlobRef, LocalStats, ReportPayload, Task};
 
 /// What a device's round produced.
@@ -134,10 +134,7 @@ fn run(
 }
 
 /// The global adapter a plan names, read from the daemon's blob store, and its size.
-fn download(
-    blobs: &Blobs,
-    blob: Option<BlobRef>,
-) -> Result<(AdapterWeights, u64), LocalError> {
+fn download(blobs: &Blobs, blob: Option<BlobRef>) -> Result<(AdapterWeights, u64), LocalError> {
     let blob =
         blob.ok_or_else(|| LocalError::Unsupported("an adapter plan without an adapter".into()))?;
     let bytes = blobs.read(&blob.digest)?;

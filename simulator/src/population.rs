@@ -5,7 +5,7 @@
 
 use fedtune_client::trainer::TrainingData;
 use fedtune_shared::lora::train::TrainExample;
-use fedtune_shared::protocol::{Digest, DeviceId, SigningKey};
+use fedtune_shared::protocol::{DeviceId, Digest, SigningKey};
 
 /// One virtual device.
 #[derive(Debug, Clone)]
@@ -94,8 +94,8 @@ impl Population {
                 });
             }
             let key_seed = key_seed(seed, i);
-            let key =
-                SigningKey::from_seed(&key_seed).map_err(|e| PopulationError::Key(e.to_string()))?;
+            let key = SigningKey::from_seed(&key_seed)
+                .map_err(|e| PopulationError::Key(e.to_string()))?;
             clients.push(VirtualClient {
                 name,
                 key_seed,
@@ -124,7 +124,11 @@ impl Population {
             .collect();
         TrainingData {
             sequences: examples.iter().map(|e| e.ids.clone()).collect(),
-            examples: if self.instruction { examples } else { Vec::new() },
+            examples: if self.instruction {
+                examples
+            } else {
+                Vec::new()
+            },
             pad_id: self.pad_id,
         }
     }

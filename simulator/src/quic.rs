@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedtune_client::{Always, Client, ClientConfig, Event, Outcome};
+use fedtune_server::Core;
 use fedtune_server::algorithm::RoundSummary;
 use fedtune_server::config::{AlgorithmConfig, RoundSettings, ServerConfig};
 use fedtune_server::registry::Registry;
 use fedtune_server::transport::Listener;
-use fedtune_server::Core;
 use fedtune_shared::model::Llama;
 use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::decode_body;
@@ -89,7 +89,11 @@ pub struct QuicRun {
 
 /// Runs `run` with every device of `population` as a real client over loopback QUIC. `base`
 /// is the devices' copy of the model (shared by all of them, as in process).
-pub fn run_quic(run: &QuicRun, base: &Llama, population: &Population) -> Result<QuicOutcome, QuicError> {
+pub fn run_quic(
+    run: &QuicRun,
+    base: &Llama,
+    population: &Population,
+) -> Result<QuicOutcome, QuicError> {
     let runtime = fedtune_server::runtime()?;
     runtime.block_on(serve_and_train(run, base, population))
 }
@@ -108,7 +112,11 @@ async fn serve_and_train(
         },
         robust: run.robust,
         privacy: run.privacy.clone(),
-        ..ServerConfig::new(&run.work_dir.join("server"), &run.model, run.algorithm.clone())
+        ..ServerConfig::new(
+            &run.work_dir.join("server"),
+            &run.model,
+            run.algorithm.clone(),
+        )
     };
     let core = Arc::new(tokio::task::block_in_place(|| Core::open(config))?);
     Registry::new(core.store())
@@ -126,10 +134,11 @@ async fn serve_and_train(
     let mut devices = tokio::task::JoinSet::new();
     for (i, virtual_client) in population.clients.iter().enumerate() {
         let state_dir = run.work_dir.join("devices").join(format!("{i:05}"));
-        let key = SigningKey::from_seed(&virtual_client.key_seed).map_err(|e| QuicError::Device {
-            device: virtual_client.name.clone(),
-            message: e.to_string(),
-        })?;
+        let key =
+            SigningKey::from_seed(&virtual_client.key_seed).map_err(|e| QuicError::Device {
+                device: virtual_client.name.clone(),
+                message: e.to_string(),
+            })?;
         fedtune_client::state::StateDir::open(&state_dir)
             .and_then(|dir| dir.provision_key(&key))
             .map_err(|e| QuicError::Device {
@@ -158,7 +167,10 @@ async fn serve_and_train(
         let (mut client, _handle) = Client::new(config, base.clone(), population.training_data(i))
             .map_err(|e| fail(e.to_string()))?;
         devices.spawn(async move {
-            client.enroll(TOKEN).await.map_err(|e| fail(e.to_string()))?;
+            client
+                .enroll(TOKEN)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
             match client.run().await.map_err(|e| fail(e.to_string()))? {
                 Outcome::Finished { .. } => Ok(()),
                 Outcome::Stopped => Err(fail("stopped before the run finished".into())),

@@ -95,7 +95,9 @@ pub struct SimulationOutput {
 pub fn load_examples(data: &DataConfig, texts: &Path) -> Result<Vec<Example>, SimulationError> {
     let wrap = |e: &dyn std::fmt::Display| SimulationError::Data(e.to_string());
     match data {
-        DataConfig::Shakespeare { plays } => load_corpus(texts, plays.as_deref()).map_err(|e| wrap(&e)),
+        DataConfig::Shakespeare { plays } => {
+            load_corpus(texts, plays.as_deref()).map_err(|e| wrap(&e))
+        }
         DataConfig::Text { path, max_chars } => load_text(path, *max_chars).map_err(|e| wrap(&e)),
         DataConfig::Jsonl { path, fields } => load_jsonl(path, fields).map_err(|e| wrap(&e)),
     }
@@ -114,7 +116,10 @@ pub fn build_population(
     let (names, parts): (Vec<String>, Vec<Vec<usize>>) = match p.kind {
         PartitionKind::Iid => {
             let parts = iid(examples.len(), p.clients, config.seed).map_err(|e| invalid(&e))?;
-            ((0..parts.len()).map(|i| format!("client-{i}")).collect(), parts)
+            (
+                (0..parts.len()).map(|i| format!("client-{i}")).collect(),
+                parts,
+            )
         }
         PartitionKind::Dirichlet => {
             let labels: Vec<&str> = examples
@@ -123,7 +128,10 @@ pub fn build_population(
                 .collect();
             let parts = dirichlet(&labels, p.clients, p.alpha, p.min_items, config.seed)
                 .map_err(|e| invalid(&e))?;
-            ((0..parts.len()).map(|i| format!("client-{i}")).collect(), parts)
+            (
+                (0..parts.len()).map(|i| format!("client-{i}")).collect(),
+                parts,
+            )
         }
         PartitionKind::Natural => {
             let split = natural(examples.iter().map(|e| e.key.as_deref()), p.min_items)
@@ -226,18 +234,35 @@ pub fn simulate(
     let mut run_dirs = Vec::new();
     for run in &config.runs {
         let run_dir = dir.join(&run.label);
-        run_one(config, run, model, &population, &fleet, &evaluator, &run_dir, command, progress)?;
+        run_one(
+            config,
+            run,
+            model,
+            &population,
+            &fleet,
+            &evaluator,
+            &run_dir,
+            command,
+            progress,
+        )?;
         run_dirs.push(run_dir);
     }
     let runs: Vec<PlotRun> = run_dirs
         .iter()
-        .map(|d| read_run(d).map(|r| PlotRun::from(&r)).map_err(|e| output(&e)))
+        .map(|d| {
+            read_run(d)
+                .map(|r| PlotRun::from(&r))
+                .map_err(|e| output(&e))
+        })
         .collect::<Result<_, _>>()?;
     let plots = write_plots(&runs, &dir).map_err(|e| output(&e))?;
     let table = report(&run_dirs, None).map_err(|e| output(&e))?;
     let report_path = dir.join("report.md");
-    std::fs::write(&report_path, format!("# {}\n\nCommand: `{command}`\n\n{table}", config.name))
-        .map_err(|e| output(&e))?;
+    std::fs::write(
+        &report_path,
+        format!("# {}\n\nCommand: `{command}`\n\n{table}", config.name),
+    )
+    .map_err(|e| output(&e))?;
     Ok(SimulationOutput {
         dir,
         runs: run_dirs,
@@ -273,8 +298,8 @@ fn run_one(
     let (initial, final_eval) = match config.transport {
         Transport::InProcess => {
             let blobs = blob_store(&work).map_err(|e| failed(&e))?;
-            let combiner = UpdateCombiner::new(run.robust, run.privacy.dp)
-                .map_err(|e| failed(&e))?;
+            let combiner =
+                UpdateCombiner::new(run.robust, run.privacy.dp).map_err(|e| failed(&e))?;
             let mut driver = Driver::with_combiner(
                 &algorithm,
                 model.model,
@@ -290,12 +315,19 @@ fn run_one(
                 deadline_s: config.deadline_s,
                 seed: config.seed,
                 eval_every: config.evaluation.every,
-                concurrency: config.concurrency.unwrap_or_else(|| {
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
-                }),
+                concurrency: config
+                    .concurrency
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             };
             let initial = run_in_process(
-                &run.label, name, model.model, &mut driver, &blobs, population, fleet, &policy,
+                &run.label,
+                name,
+                model.model,
+                &mut driver,
+                &blobs,
+                population,
+                fleet,
+                &policy,
                 evaluator,
                 |record| {
                     progress.round(record);
@@ -359,7 +391,10 @@ fn run_one(
     if let Some(e) = write_error {
         return Err(failed(&e));
     }
-    let last_eval = records.iter().rev().find_map(|r| r.heldout_loss.map(|l| (l, r.rouge_l)));
+    let last_eval = records
+        .iter()
+        .rev()
+        .find_map(|r| r.heldout_loss.map(|l| (l, r.rouge_l)));
     let (final_loss, final_rouge) = last_eval
         .or(final_eval.map(|e| (e.loss, e.rouge_l)))
         .unwrap_or((initial.loss, initial.rouge_l));

@@ -2,18 +2,18 @@
 //! rounds, devices drop out as their profiles say, and runs are deterministic from the seed.
 
 use fedtune_server::config::AlgorithmConfig;
-use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::TargetModule;
+use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_shared::lora::train::{TrainConfig, TrainExample};
 use fedtune_shared::model::Llama;
+use fedtune_shared::prune::schedule::PruneSchedule;
+use fedtune_shared::zo::round::ZoRunConfig;
 use fedtune_simulator::engine::{Driver, RoundPolicy, blob_store, run_in_process};
 use fedtune_simulator::evaluation::Evaluator;
 use fedtune_simulator::fleet::{FleetSpec, assign};
 use fedtune_simulator::population::Population;
 use fedtune_simulator::record::RoundRecord;
-use fedtune_shared::zo::round::ZoRunConfig;
 use fedtune_tests::network::{counting, fedkseed_run, load_model, tiny_model_folder};
 
 fn population(clients: usize, profiles: &[usize]) -> Population {
@@ -35,7 +35,12 @@ fn population(clients: usize, profiles: &[usize]) -> Population {
     Population::new(examples, names, items, profiles, heldout, 0, 11).unwrap()
 }
 
-fn run(base: &Llama, algorithm: &AlgorithmConfig, fleet: &FleetSpec, rounds: u64) -> (f32, Vec<RoundRecord>) {
+fn run(
+    base: &Llama,
+    algorithm: &AlgorithmConfig,
+    fleet: &FleetSpec,
+    rounds: u64,
+) -> (f32, Vec<RoundRecord>) {
     let dir = tempfile::tempdir().unwrap();
     let profiles = fleet.profiles().unwrap();
     let population = population(8, &assign(&profiles, 8));
@@ -56,7 +61,15 @@ fn run(base: &Llama, algorithm: &AlgorithmConfig, fleet: &FleetSpec, rounds: u64
     };
     let mut records = Vec::new();
     let initial = run_in_process(
-        "test", "test", base, &mut driver, &blobs, &population, &profiles, &policy, &evaluator,
+        "test",
+        "test",
+        base,
+        &mut driver,
+        &blobs,
+        &population,
+        &profiles,
+        &policy,
+        &evaluator,
         |r| records.push(r.clone()),
     )
     .unwrap();
@@ -105,19 +118,48 @@ fn fedspine() -> AlgorithmConfig {
 #[test]
 fn every_algorithm_improves_heldout_loss() {
     // Dropped devices and rejected reports are logged at `warn`: shown when a check fails.
-    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().unwrap();
     let base = load_model(&tiny_model_folder(dir.path(), 3));
-    let fleet = FleetSpec::Mix { mix: "three-speeds".into() };
+    let fleet = FleetSpec::Mix {
+        mix: "three-speeds".into(),
+    };
     // Zeroth-order steps are cheap and noisy: more of them per round than the network tests.
-    let zo = ZoRunConfig { k: 256, tau: 40, lr: 1e-3, eps: 1e-3, ..fedkseed_run() };
-    let pro = ZoRunConfig { pro: true, ..zo.clone() };
+    let zo = ZoRunConfig {
+        k: 256,
+        tau: 40,
+        lr: 1e-3,
+        eps: 1e-3,
+        ..fedkseed_run()
+    };
+    let pro = ZoRunConfig {
+        pro: true,
+        ..zo.clone()
+    };
     let algorithms = [
-        ("fedkseed", AlgorithmConfig::Fedkseed { run: zo, batch_size: 1 }),
-        ("fedkseed-pro", AlgorithmConfig::Fedkseed { run: pro, batch_size: 1 }),
+        (
+            "fedkseed",
+            AlgorithmConfig::Fedkseed {
+                run: zo,
+                batch_size: 1,
+            },
+        ),
+        (
+            "fedkseed-pro",
+            AlgorithmConfig::Fedkseed {
+                run: pro,
+                batch_size: 1,
+            },
+        ),
         ("fedavg", lora(AggregationStrategy::FedAvg, vec![4])),
         ("hetlora", lora(AggregationStrategy::HetLora, vec![2, 4, 8])),
-        ("flexlora", lora(AggregationStrategy::FlexLora, vec![2, 4, 8])),
+        (
+            "flexlora",
+            lora(AggregationStrategy::FlexLora, vec![2, 4, 8]),
+        ),
         ("fedspine", fedspine()),
     ];
     for (name, algorithm) in &algorithms {
@@ -128,7 +170,10 @@ fn every_algorithm_improves_heldout_loss() {
         assert_eq!(records.len(), 5);
         assert!(final_loss < initial, "{name}: {initial} -> {final_loss}");
         for r in &records {
-            assert!(r.clients == 4 && r.bytes_up > 0 && r.bytes_down > 0, "{name}: {r:?}");
+            assert!(
+                r.clients == 4 && r.bytes_up > 0 && r.bytes_down > 0,
+                "{name}: {r:?}"
+            );
         }
         assert!(last.sim_time_s > 0.0 && last.total_bytes > 0);
     }

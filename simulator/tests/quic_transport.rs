@@ -2,11 +2,11 @@
 //! daemon over loopback ends with the same global state, byte for byte.
 
 use fedtune_server::config::AlgorithmConfig;
-use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::TargetModule;
+use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_shared::lora::train::{TrainConfig, TrainExample};
+use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_simulator::engine::{Driver, RoundPolicy, blob_store, run_in_process};
 use fedtune_simulator::evaluation::Evaluator;
 use fedtune_simulator::fleet::{FleetSpec, assign};
@@ -19,11 +19,26 @@ const ROUNDS: u64 = 2;
 const SEED: u64 = 5;
 
 fn population() -> Population {
-    let examples: Vec<TrainExample> = counting(0..12, 10).into_iter().map(TrainExample::text).collect();
-    let items = (0..CLIENTS as u32).map(|c| (c * 4..c * 4 + 4).collect()).collect();
-    let heldout = counting(20..24, 10).into_iter().map(TrainExample::text).collect();
+    let examples: Vec<TrainExample> = counting(0..12, 10)
+        .into_iter()
+        .map(TrainExample::text)
+        .collect();
+    let items = (0..CLIENTS as u32)
+        .map(|c| (c * 4..c * 4 + 4).collect())
+        .collect();
+    let heldout = counting(20..24, 10)
+        .into_iter()
+        .map(TrainExample::text)
+        .collect();
     let names = (0..CLIENTS).map(|c| format!("device-{c}")).collect();
-    let profiles = assign(&FleetSpec::Mix { mix: "uniform".into() }.profiles().unwrap(), CLIENTS);
+    let profiles = assign(
+        &FleetSpec::Mix {
+            mix: "uniform".into(),
+        }
+        .profiles()
+        .unwrap(),
+        CLIENTS,
+    );
     Population::new(examples, names, items, &profiles, heldout, 0, SEED).unwrap()
 }
 
@@ -32,7 +47,11 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
     let model = tiny_model_folder(dir.path(), 9);
     let base = load_model(&model);
     let population = population();
-    let fleet = FleetSpec::Mix { mix: "uniform".into() }.profiles().unwrap();
+    let fleet = FleetSpec::Mix {
+        mix: "uniform".into(),
+    }
+    .profiles()
+    .unwrap();
 
     let blobs = blob_store(&dir.path().join("in-process")).unwrap();
     let mut driver = Driver::new(&algorithm, &base, blobs.clone(), SEED, None).unwrap();
@@ -44,8 +63,24 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
         eval_every: ROUNDS,
         concurrency: 1,
     };
-    let evaluator = Evaluator { heldout: population.heldout.clone(), pad_id: 0, rouge: None };
-    run_in_process("t", "t", &base, &mut driver, &blobs, &population, &fleet, &policy, &evaluator, |_| {}).unwrap();
+    let evaluator = Evaluator {
+        heldout: population.heldout.clone(),
+        pad_id: 0,
+        rouge: None,
+    };
+    run_in_process(
+        "t",
+        "t",
+        &base,
+        &mut driver,
+        &blobs,
+        &population,
+        &fleet,
+        &policy,
+        &evaluator,
+        |_| {},
+    )
+    .unwrap();
 
     let quic = run_quic(
         &QuicRun {
@@ -66,7 +101,10 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
     .unwrap();
     assert_eq!(quic.records.len() as u64, ROUNDS);
     for r in &quic.records {
-        assert!(r.clients == CLIENTS && r.bytes_up > 0 && r.bytes_down > 0, "{r:?}");
+        assert!(
+            r.clients == CLIENTS && r.bytes_up > 0 && r.bytes_down > 0,
+            "{r:?}"
+        );
     }
     let served = std::fs::read(quic.checkpoint.expect("a checkpoint")).unwrap();
     (driver.checkpoint(), served)
@@ -74,9 +112,15 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
 
 #[test]
 fn fedkseed_over_quic_equals_in_process() {
-    let (in_process, served) = both(AlgorithmConfig::Fedkseed { run: fedkseed_run(), batch_size: 1 });
+    let (in_process, served) = both(AlgorithmConfig::Fedkseed {
+        run: fedkseed_run(),
+        batch_size: 1,
+    });
     assert!(!in_process.is_empty());
-    assert!(in_process == served, "the daemon's checkpoint differs from the in-process one");
+    assert!(
+        in_process == served,
+        "the daemon's checkpoint differs from the in-process one"
+    );
 }
 
 #[test]
@@ -84,27 +128,55 @@ fn lora_over_quic_equals_in_process() {
     // One rank: the bandit's choice cannot depend on measured times, which differ. No
     // dropout: its mask comes from the backend's own generator, not from the plan's seed.
     let (in_process, served) = both(AlgorithmConfig::Lora {
-        lora: LoraConfig { rank: 4, dropout: 0.0, ..LoraConfig::default() },
+        lora: LoraConfig {
+            rank: 4,
+            dropout: 0.0,
+            ..LoraConfig::default()
+        },
         ranks: vec![4],
-        train: TrainConfig { lr: 1e-2, warmup_steps: 0, ..TrainConfig::default() },
+        train: TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            ..TrainConfig::default()
+        },
         local_steps: 3,
         strategy: AggregationStrategy::FedAvg,
     });
     assert!(!in_process.is_empty());
-    assert!(in_process == served, "the daemon's checkpoint differs from the in-process one");
+    assert!(
+        in_process == served,
+        "the daemon's checkpoint differs from the in-process one"
+    );
 }
 
 #[test]
 fn fedspine_over_quic_equals_in_process() {
     // One arm (ratio, rank), as for LoRA; devices prune while they tune either way.
     let (in_process, served) = both(AlgorithmConfig::FedSpine {
-        lora: LoraConfig { rank: 4, dropout: 0.0, targets: TargetModule::ALL.to_vec(), ..LoraConfig::default() },
+        lora: LoraConfig {
+            rank: 4,
+            dropout: 0.0,
+            targets: TargetModule::ALL.to_vec(),
+            ..LoraConfig::default()
+        },
         ranks: vec![4],
         ratios: vec![0.2],
-        schedule: PruneSchedule { every: 1, protect_first: 0, protect_last: false, ..PruneSchedule::default() },
-        train: TrainConfig { lr: 1e-2, warmup_steps: 0, ..TrainConfig::default() },
+        schedule: PruneSchedule {
+            every: 1,
+            protect_first: 0,
+            protect_last: false,
+            ..PruneSchedule::default()
+        },
+        train: TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            ..TrainConfig::default()
+        },
         local_steps: 3,
     });
     assert!(!in_process.is_empty());
-    assert!(in_process == served, "the daemon's checkpoint differs from the in-process one");
+    assert!(
+        in_process == served,
+        "the daemon's checkpoint differs from the in-process one"
+    );
 }

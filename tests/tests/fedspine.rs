@@ -53,7 +53,6 @@ const SLOWDOWNS: [f64; 3] = [1.0, 5.0, 25.0];
 const LOCAL_STEPS: usize = 8;
 const BATCH: usize = 2;
 
-
 fn examples(starts: impl Iterator<Item = u32>) -> Vec<TrainExample> {
     counting(starts, 12)
         .into_iter()
