@@ -15,18 +15,24 @@ use fedtune_client::connection::Connection;
 use fedtune_client::state::StateDir;
 use fedtune_server::algorithm::RoundSummary;
 use fedtune_server::config::{AlgorithmConfig, SecAggSettings, ServerConfig};
+use fedtune_shared::lora::adapter::{AdapterWeights, LoraScaling, TargetModule};
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::TrainConfig;
-use fedtune_shared::privacy::secagg::{KeyAdvertisement, MaskedInput, SecAggClient};
+use fedtune_shared::privacy::secagg::{
+    MaskedInput, SecAggClient, SecAggConfig, ShareBundle, UnmaskResponse,
+};
+use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::decode_body;
 use fedtune_shared::protocol::secure::{SecAggDownload, SecAggUpload, weighted_input};
+use fedtune_shared::protocol::{BlobRef, Digest, Task};
 use fedtune_shared::protocol::{
     Capabilities, DeviceId, EnrollRequest, ErrorCode, LocalStats, Plan, PollRequest, Report,
     ReportPayload, Request, Response, SigningKey,
 };
+use fedtune_shared::robust::flat::adapter_delta;
 use fedtune_shared::robust::flat::dense_seed_grads;
 use fedtune_shared::transport::TransportError;
 use fedtune_shared::zo::round::{ClientReport, ZoServer};
@@ -295,6 +301,12 @@ fn fedkseed() -> AlgorithmConfig {
 
 /// The scripted device's FedKSeed update: fixed gradients on three seeds, all τ samples.
 async fn fedkseed_update(plan: Plan, connection: Connection) -> (Vec<f32>, Report, Connection) {
+    let (flat, report) = fedkseed_report(&plan);
+    (flat, report, connection)
+}
+
+/// [`fedkseed_update`]'s flat update and report.
+fn fedkseed_report(plan: &Plan) -> (Vec<f32>, Report) {
     let run = fedkseed_run();
     let samples = u64::from(run.tau);
     let inner = ClientReport {
@@ -309,7 +321,7 @@ async fn fedkseed_update(plan: Plan, connection: Connection) -> (Vec<f32>, Repor
         stats: stats(samples),
         payload: ReportPayload::FedKSeed(inner.clone()),
     };
-    (dense_seed_grads(&inner, run.k), report, connection)
+    (dense_seed_grads(&inner, run.k), report)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,4 +378,324 @@ async fn fedkseed_secure_round_with_a_dropout_equals_the_clear_round() {
         "{cost:?}"
     );
     eprintln!("fedkseed secure round cost: {cost:?}; histories differ by at most {largest:e}");
+}
+
+fn lora() -> AlgorithmConfig {
+    AlgorithmConfig::Lora {
+        lora: LoraConfig {
+            rank: 4,
+            scaling: LoraScaling {
+                alpha: 8.0,
+                rslora: false,
+            },
+            dropout: 0.0,
+            targets: vec![TargetModule::QProj, TargetModule::VProj],
+        },
+        ranks: vec![4],
+        train: TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            batch_size: 2,
+            ..TrainConfig::default()
+        },
+        local_steps: 2,
+        strategy: AggregationStrategy::FedAvg,
+    }
+}
+
+/// The scripted device's LoRA update: the global adapter it downloads, moved by a fixed
+/// pattern; uploaded as a blob (what a clear round's report names).
+async fn lora_update(plan: Plan, connection: Connection) -> (Vec<f32>, Report, Connection) {
+    let Task::Lora(task) = &plan.task else {
+        panic!("not a LoRA plan");
+    };
+    let blob = task.adapter.expect("global adapter");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("global");
+    connection
+        .download(blob.digest, 0, blob.len, &path)
+        .await
+        .expect("download");
+    let global: AdapterWeights = decode_adapter(&std::fs::read(&path).unwrap()).unwrap();
+    let mut trained = global.clone();
+    for (l, f) in trained.layers.values_mut().enumerate() {
+        for (i, v) in f.a.iter_mut().chain(f.b.iter_mut()).enumerate() {
+            *v += 1e-2 * ((i * 7 + l * 3) % 11) as f32 / 11.0 - 5e-3;
+        }
+    }
+    let bytes = encode_adapter(&trained);
+    let adapter = BlobRef {
+        digest: Digest::of(&bytes),
+        len: bytes.len() as u64,
+    };
+    let uploaded = connection
+        .upload(adapter.digest, &bytes, 0)
+        .await
+        .expect("upload");
+    assert!(
+        matches!(uploaded, Response::Uploaded { .. }),
+        "{uploaded:?}"
+    );
+    let report = Report {
+        run_id: plan.run_id,
+        round: plan.round,
+        stats: stats(3),
+        payload: ReportPayload::Lora {
+            adapter,
+            rank: task.lora.rank,
+        },
+    };
+    let flat = adapter_delta(&global, &trained).expect("delta");
+    (flat, report, connection)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_fedavg_secure_round_with_a_dropout_equals_the_clear_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let plain = one_round(
+        &dir.path().join("plain"),
+        &model,
+        lora(),
+        false,
+        lora_update,
+    )
+    .await;
+    let secure = one_round(
+        &dir.path().join("secure"),
+        &model,
+        lora(),
+        true,
+        lora_update,
+    )
+    .await;
+    let read = |ran: &Ran| decode_adapter(&std::fs::read(&ran.checkpoint).unwrap()).unwrap();
+    let (plain_adapter, secure_adapter) = (read(&plain), read(&secure));
+    // Weights are samples / (steps × batch) ≥ 1/4 each: the mean's error is at most the sum's
+    // (6 values' half-steps) divided by their total, itself at least 6/4.
+    let quantizer =
+        fedtune_shared::privacy::quantize::Quantizer::for_sum(CLIP, DEVICES).expect("quantizer");
+    let bound = DEVICES as f64 * quantizer.max_error() / 1.5 + 1e-6;
+    let (mut largest, mut moved) = (0.0f64, 0.0f32);
+    for (p, s) in plain_adapter
+        .layers
+        .values()
+        .zip(secure_adapter.layers.values())
+    {
+        for (a, b) in p.a.iter().chain(&p.b).zip(s.a.iter().chain(&s.b)) {
+            largest = largest.max((f64::from(*a) - f64::from(*b)).abs());
+        }
+        moved = p.b.iter().fold(moved, |m, v| m.max(v.abs()));
+    }
+    assert!(
+        largest <= bound,
+        "adapters differ by {largest}, bound {bound}"
+    );
+    assert!(moved > 1e-3, "the round moved B by {moved} only");
+    assert_eq!(plain.summary.reports, DEVICES);
+    assert_eq!(secure.summary.reports, DEVICES);
+    let cost = secure.summary.secure.expect("secure cost recorded");
+    assert_eq!(cost.clients, DEVICES);
+    eprintln!("lora secure round cost: {cost:?}; adapters differ by at most {largest:e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_secagg_messages_are_refused_and_the_round_still_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let mut config = server_config(&dir.path().join("server"), &model, 3, 1);
+    config.privacy.secure_aggregation = true;
+    config.privacy.secagg.clip = CLIP;
+    let server = TestServer::start(config);
+    let stranger = Scripted::enroll(&server, &model, 40).await;
+    let mut devices = Vec::new();
+    for seed in [41, 42, 43] {
+        devices.push(Scripted::enroll(&server, &model, seed).await);
+    }
+    let other = SecAggConfig::new(1, 3, 64, 1.0, 2, 0.3).expect("config");
+    let fake_advert = |id| SecAggClient::new(other, id, [1; 32]).1;
+    // No plan yet: no session, nothing to say in it.
+    let code = refused(
+        stranger
+            .send(1, SecAggUpload::Advertise(fake_advert(0)))
+            .await,
+    );
+    assert_eq!(code, ErrorCode::SecAgg);
+    let poll = stranger
+        .connection
+        .request(&Request::SecAggPoll { round: 1 })
+        .await;
+    assert_eq!(refused(poll), ErrorCode::SecAgg);
+
+    let mut plans = Vec::new();
+    for d in &devices {
+        plans.push(d.plan().await.secure.expect("secure plan"));
+    }
+    let (a, b) = (&devices[0], &devices[1]);
+    let mut machines = Vec::new();
+    let mut adverts = Vec::new();
+    for (i, secure) in plans.iter().enumerate() {
+        let (m, advert) = SecAggClient::new(secure.config, secure.id, [i as u8 + 9; 32]);
+        machines.push(m);
+        adverts.push(advert);
+    }
+    // A device that got no plan is not in the session, and cannot advertise.
+    let poll = stranger
+        .connection
+        .request(&Request::SecAggPoll { round: 1 })
+        .await;
+    assert_eq!(refused(poll), ErrorCode::SecAgg);
+    let code = refused(
+        stranger
+            .send(1, SecAggUpload::Advertise(adverts[2].clone()))
+            .await,
+    );
+    assert_eq!(code, ErrorCode::SecAgg);
+    // Speaking for another device's id.
+    let code = refused(a.send(1, SecAggUpload::Advertise(adverts[1].clone())).await);
+    assert_eq!(code, ErrorCode::SecAgg);
+    // Out of phase: shares before the keys phase closed.
+    let early = ShareBundle {
+        from: plans[0].id,
+        shares: Vec::new(),
+    };
+    assert_eq!(
+        refused(a.send(1, SecAggUpload::Shares(early)).await),
+        ErrorCode::SecAgg
+    );
+    // An unknown session, and a plain report in a secure run.
+    assert_eq!(
+        refused(a.send(9, SecAggUpload::Advertise(adverts[0].clone())).await),
+        ErrorCode::SecAgg
+    );
+    let (_, report) = fedkseed_report(&a.plan().await);
+    let plain = a.connection.request(&Request::Report(report)).await;
+    assert_eq!(refused(plain), ErrorCode::Invalid);
+    // Phase 1, with a repeat.
+    a.send(1, SecAggUpload::Advertise(adverts[0].clone()))
+        .await
+        .expect("advertise");
+    let again = a.send(1, SecAggUpload::Advertise(adverts[0].clone())).await;
+    assert_eq!(refused(again), ErrorCode::SecAgg);
+    assert!(matches!(
+        a.connection
+            .request(&Request::SecAggPoll { round: 1 })
+            .await,
+        Ok(Response::Wait { .. })
+    ));
+    for (d, advert) in devices.iter().zip(&adverts).skip(1) {
+        d.send(1, SecAggUpload::Advertise(advert.clone()))
+            .await
+            .expect("advertise");
+    }
+    // Phase 2, with a bundle that shares with nobody.
+    let mut bundles = Vec::new();
+    for (d, m) in devices.iter().zip(&mut machines) {
+        let SecAggDownload::NeighbourKeys(keys) = d.next(1).await else {
+            panic!("keys");
+        };
+        bundles.push(m.handle_neighbour_keys(keys).expect("share"));
+    }
+    let empty = ShareBundle {
+        from: plans[0].id,
+        shares: Vec::new(),
+    };
+    assert_eq!(
+        refused(a.send(1, SecAggUpload::Shares(empty)).await),
+        ErrorCode::SecAgg
+    );
+    for (d, bundle) in devices.iter().zip(bundles) {
+        d.send(1, SecAggUpload::Shares(bundle))
+            .await
+            .expect("shares");
+    }
+    // Phase 3, with a truncated input and impossible sample counts.
+    let k = fedkseed_run().k as usize;
+    let inputs: Vec<Vec<f32>> = (0..3)
+        .map(|i| (0..k).map(|s| ((s * (i + 2)) % 9) as f32 - 4.0).collect())
+        .collect();
+    let max_samples = plans[0].max_samples;
+    let mut masked = Vec::new();
+    for (d, (m, x)) in devices.iter().zip(machines.iter_mut().zip(&inputs)) {
+        let SecAggDownload::ForwardedShares(shares) = d.next(1).await else {
+            panic!("shares");
+        };
+        masked.push(m.handle_forwarded_shares(shares, x).expect("mask"));
+    }
+    let short = MaskedInput {
+        from: plans[0].id,
+        masked: vec![0; 8],
+    };
+    let code = refused(
+        a.send(
+            1,
+            SecAggUpload::Masked {
+                input: short,
+                stats: stats(max_samples),
+            },
+        )
+        .await,
+    );
+    assert_eq!(code, ErrorCode::SecAgg);
+    let code = refused(
+        a.send(
+            1,
+            SecAggUpload::Masked {
+                input: masked[0].clone(),
+                stats: stats(max_samples + 1),
+            },
+        )
+        .await,
+    );
+    assert_eq!(code, ErrorCode::Invalid);
+    for (d, input) in devices.iter().zip(masked) {
+        d.send(
+            1,
+            SecAggUpload::Masked {
+                input,
+                stats: stats(max_samples),
+            },
+        )
+        .await
+        .expect("masked");
+    }
+    // Phase 4, with a response in another device's name.
+    let mut responses = Vec::new();
+    for (d, m) in devices.iter().zip(&mut machines) {
+        let SecAggDownload::UnmaskRequest(request) = d.next(1).await else {
+            panic!("unmask request");
+        };
+        responses.push(m.handle_unmask_request(request).expect("reveal"));
+    }
+    let foreign: UnmaskResponse = responses[1].clone();
+    assert_eq!(
+        refused(a.send(1, SecAggUpload::Unmask(foreign)).await),
+        ErrorCode::SecAgg
+    );
+    for (d, response) in devices.iter().zip(responses) {
+        d.send(1, SecAggUpload::Unmask(response))
+            .await
+            .expect("unmask");
+    }
+    // The daemon kept serving, finished the round, and its history is the inputs' mean.
+    assert_eq!(server.core.round().0, 2);
+    let state: ZoServer = decode_body(&server.core.algorithm_state()).unwrap();
+    let quantizer =
+        fedtune_shared::privacy::quantize::Quantizer::for_sum(CLIP, 3).expect("quantizer");
+    for (s, h) in state.history().iter().enumerate() {
+        let mean = inputs.iter().map(|x| f64::from(x[s])).sum::<f64>() / 3.0;
+        assert!(
+            (f64::from(*h) - mean).abs() <= quantizer.max_error() + 1e-6,
+            "{h} vs {mean}"
+        );
+    }
+    let done = b
+        .connection
+        .request(&Request::SecAggPoll { round: 1 })
+        .await;
+    assert!(
+        matches!(done, Ok(Response::SecAgg(SecAggDownload::Done))),
+        "{done:?}"
+    );
+    server.stop().await;
 }
