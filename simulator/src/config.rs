@@ -276,10 +276,14 @@ impl SimulationConfig {
                 return bad("two runs have the same label");
             }
             if run.privacy.secure_aggregation {
-                return bad(
-                    "secure aggregation is not in the harness's rounds yet (its in-process driver \
-                     is fedtune_shared::privacy::secure_sum)",
-                );
+                // The daemon's own rules; a round's clients stand for its `min_reports`.
+                fedtune_server::config::check_secure_aggregation(
+                    &run.privacy,
+                    run.robust,
+                    &run.algorithm,
+                    self.clients_per_round,
+                )
+                .map_err(|e| ConfigError::Invalid(format!("run {}: {e}", run.label)))?;
             }
         }
         if !(0.0..1.0).contains(&self.partition.heldout_fraction) {
