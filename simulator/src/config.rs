@@ -169,7 +169,8 @@ pub struct RunConfig {
     /// How the round's updates are combined (`rule = "median"`, …), as the daemon's `[robust]`.
     #[serde(default)]
     pub robust: RobustRule,
-    /// Central differential privacy, as the daemon's `[privacy]`.
+    /// Central differential privacy or secure aggregation (`secure_aggregation = true`, with
+    /// `[runs.privacy.secagg]`), as the daemon's `[privacy]`.
     #[serde(default)]
     pub privacy: PrivacySettings,
 }
