@@ -699,3 +699,81 @@ async fn bad_secagg_messages_are_refused_and_the_round_still_finishes() {
     );
     server.stop().await;
 }
+
+#[test]
+fn a_restart_mid_session_runs_the_round_again() {
+    use fedtune_server::Core;
+    use fedtune_server::daemon::Session;
+    use fedtune_server::registry::Registry;
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let mut config = server_config(&dir.path().join("server"), &model, 3, 1);
+    config.privacy.secure_aggregation = true;
+    let core = Core::open(config.clone()).expect("open");
+    Registry::new(core.store())
+        .add_token(TOKEN, 10)
+        .expect("token");
+    let mut sessions = Vec::new();
+    for seed in [51u8, 52, 53] {
+        let key = SigningKey::from_seed(&[seed; 32]).unwrap();
+        let mut session = Session::default();
+        let enrolled = core.handle(
+            &mut session,
+            Request::Enroll(EnrollRequest {
+                token: TOKEN.into(),
+                public_key: key.public_key(),
+                capabilities: Capabilities::default(),
+            }),
+            Instant::now(),
+        );
+        let Response::Enrolled { device } = enrolled else {
+            panic!("{enrolled:?}");
+        };
+        // The test plays the transport: this session has proved its key.
+        session.device = Some(device);
+        sessions.push(session);
+    }
+    let poll = Request::Poll(PollRequest { last_seen_round: 0 });
+    let plan_of = |core: &Core, session: &mut Session| match core.handle(
+        session,
+        poll.clone(),
+        Instant::now(),
+    ) {
+        Response::Plan(signed) => {
+            let key = core.keys().signing.public_key();
+            let plan: Plan = signed.verify(&key, PLAN_LABEL).expect("plan");
+            plan.secure.expect("secure plan")
+        }
+        other => panic!("{other:?}"),
+    };
+    for session in &mut sessions {
+        let secure = plan_of(&core, session);
+        let (_, advert) = SecAggClient::new(secure.config, secure.id, [1; 32]);
+        let message = SecAggUpload::Advertise(advert);
+        let answer = core.handle(
+            session,
+            Request::SecAgg { round: 1, message },
+            Instant::now(),
+        );
+        assert!(
+            matches!(answer, Response::SecAggAccepted { round: 1 }),
+            "{answer:?}"
+        );
+    }
+    // Phase 2 is open; the daemon stops and starts again.
+    drop(core);
+    let core = Core::open(config).expect("reopen");
+    assert_eq!(core.round().0, 1);
+    for session in &mut sessions {
+        let lost = core.handle(session, Request::SecAggPoll { round: 1 }, Instant::now());
+        assert!(
+            matches!(&lost, Response::Error(e) if e.code == ErrorCode::SecAgg),
+            "{lost:?}"
+        );
+        // Devices that poll for work get the same round's plan again, in a new session.
+        let secure = plan_of(&core, session);
+        assert_eq!(secure.config.session, 1);
+    }
+}

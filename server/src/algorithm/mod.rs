@@ -152,7 +152,7 @@ pub(crate) fn secure_mean(
     aggregate: &SecureAggregate,
     len: usize,
 ) -> Result<Vec<f32>, AlgorithmError> {
-    if aggregate.sum.len() != len || !(aggregate.weight > 0.0) {
+    if aggregate.sum.len() != len || aggregate.weight.is_nan() || aggregate.weight <= 0.0 {
         return Err(AlgorithmError::Aggregation(format!(
             "a secure sum of {} values with weight {}, {len} values expected",
             aggregate.sum.len(),
