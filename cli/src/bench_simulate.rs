@@ -149,6 +149,7 @@ pub fn run(args: BenchSimulateArgs) -> anyhow::Result<()> {
         eval_every: args.rounds,
         // One device at a time, so that host time minus training time is the harness's own.
         concurrency: 1,
+        secure: None,
     };
     let evaluator = Evaluator {
         heldout: population.heldout.clone(),

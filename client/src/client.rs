@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::connection::Connection;
 use crate::events::{Event, EventListener};
 use crate::policy::{DeviceConditions, TrainingPolicy};
+use crate::secure::{SecureError, SecureOutcome, run_secure_round};
 use crate::state::{DeviceState, StateDir, StateError};
 use crate::trainer::{FedKSeedModel, TrainError, TrainingData, train_fedspine, train_lora};
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
@@ -46,6 +47,9 @@ pub enum ClientError {
     /// The device is not enrolled yet.
     #[error("not enrolled: call enroll with a token first")]
     NotEnrolled,
+    /// A secure round could not draw its secrets.
+    #[error("secure aggregation: {0}")]
+    SecureAggregation(String),
 }
 
 /// How a run of the SDK ended.
@@ -406,8 +410,15 @@ impl Client {
         let ((applied, report, stats), config) = result?;
         self.model = model;
         self.state.history.extend(applied);
-        self.state.fedkseed_config = Some(config);
+        self.state.fedkseed_config = Some(config.clone());
         self.state.last_seen_round = plan.round - 1;
+        if let Some(secure) = plan.secure {
+            self.state_dir.save(&self.state)?;
+            let update = fedtune_shared::robust::flat::dense_seed_grads(&report, config.k);
+            return self
+                .secure_round(connection, plan.round, secure, &update, stats)
+                .await;
+        }
         self.state.pending = Some(Report {
             run_id: plan.run_id,
             round: plan.round,
@@ -432,11 +443,19 @@ impl Client {
         let data = self.data.clone();
         let local_seed = plan.local_seed;
         let train_task = task.clone();
+        let sent = global.clone();
         let (weights, stats) = tokio::task::spawn_blocking(move || {
-            train_lora(&base, &train_task, &global, &data, local_seed)
+            train_lora(&base, &train_task, &sent, &data, local_seed)
         })
         .await
         .map_err(|e| TransportError::Unexpected(format!("training thread failed: {e}")))??;
+        if let Some(secure) = plan.secure {
+            let update = fedtune_shared::robust::flat::adapter_delta(&global, &weights)
+                .map_err(|e| TrainError::Adapter(e.to_string()))?;
+            return self
+                .secure_round(connection, plan.round, secure, &update, stats)
+                .await;
+        }
         let rank = task.lora.rank;
         self.store_adapter_report(&plan, &weights, stats, |adapter| ReportPayload::Lora {
             adapter,
@@ -469,6 +488,38 @@ impl Client {
                 kept,
             }
         })
+    }
+
+    /// Runs a secure round's SecAgg+ phases for `update`. A refusal drops the round (the
+    /// device polls for work again); the network's failures reconnect, as anywhere else.
+    async fn secure_round(
+        &mut self,
+        connection: &Connection,
+        round: u64,
+        secure: fedtune_shared::protocol::secure::SecureRound,
+        update: &[f32],
+        stats: fedtune_shared::protocol::LocalStats,
+    ) -> Result<(), ClientError> {
+        match run_secure_round(connection, round, secure, update, stats).await {
+            Ok(SecureOutcome::Done) => {
+                self.state.last_reported_round = round;
+                self.state_dir.save(&self.state)?;
+                self.emit(Event::Reported {
+                    round,
+                    duplicate: false,
+                });
+                Ok(())
+            }
+            Ok(SecureOutcome::Abandoned(reason)) => {
+                tracing::warn!(round, %reason, "left the secure aggregation session");
+                self.emit(Event::Problem {
+                    message: format!("secure round {round} not counted: {reason}"),
+                });
+                Ok(())
+            }
+            Err(SecureError::Transport(e)) => Err(refusal(e)),
+            Err(e) => Err(ClientError::SecureAggregation(e.to_string())),
+        }
     }
 
     /// The global adapter a LoRA or FedSpine plan names, downloaded and decoded.

@@ -5,6 +5,7 @@
 //! - [`client`] — the main loop ([`Client`], [`ClientHandle`]);
 //! - [`connection`] — QUIC with the pinned certificate and the per-connection key proof;
 //! - [`trainer`] — the local model and the work a plan asks for;
+//! - [`secure`] — the device's side of a secure round (the SecAgg+ phases after training);
 //! - [`state`] — the durable state folder;
 //! - [`policy`] — when training may run; [`events`]: progress for the app.
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod connection;
 pub mod events;
 pub mod policy;
+pub mod secure;
 pub mod state;
 pub mod trainer;
 

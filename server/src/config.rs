@@ -84,10 +84,57 @@ pub struct PrivacySettings {
     /// Central DP (`[privacy.dp]`): the server clips every update, adds Gaussian noise to the
     /// sum and logs ε after each round.
     pub dp: Option<DpConfig>,
-    /// SecAgg+ (the server sees only the sum). Its state machines and in-process driver are in
-    /// `fedtune_shared::privacy`; the daemon's message flow does not carry its four phases
-    /// yet, so `true` is refused rather than silently ignored.
+    /// SecAgg+ (the server sees only the sum of the round's updates): after training, the
+    /// selected devices run the four phases of `fedtune_shared::privacy::secagg` by polling, and
+    /// the algorithm updates the global model from the sum. FedKSeed (and Pro) and LoRA with
+    /// FedAvg and a single rank only; not with `[robust]` or `[privacy.dp]`.
     pub secure_aggregation: bool,
+    /// SecAgg+ settings (`[privacy.secagg]`), used when `secure_aggregation` is on.
+    pub secagg: SecAggSettings,
+}
+
+/// `[privacy.secagg]`: how the daemon runs SecAgg+.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecAggSettings {
+    /// Neighbours per device in the sparse graph (rounded down to even); a round with at most
+    /// `degree + 1` devices uses the full graph.
+    pub degree: usize,
+    /// Every value of a device's (sample-weighted) update is clipped to `[-clip, clip]` before
+    /// quantization. Pick it above the largest value an update holds (FedKSeed: an accumulated
+    /// scalar gradient; LoRA: a change of one adapter weight in one round); the error of a
+    /// round's sum of `n` updates is at most `n · clip / ⌊(2^32 − 1) / slots⌋`.
+    pub clip: f32,
+    /// The largest fraction of a device's neighbourhood that may drop out after sharing keys,
+    /// in `[0, 0.5)`; more drop-outs fail the round, which is then run again.
+    pub max_dropout: f64,
+    /// Seconds each of the four phases waits for the devices still in the session before it
+    /// closes with those that answered.
+    pub phase_timeout_s: f64,
+}
+
+impl Default for SecAggSettings {
+    fn default() -> Self {
+        Self {
+            // log2 of 65 536 devices: Bell et al. show O(log n) neighbours keep the sum
+            // private and correct; small rounds use the full graph anyway.
+            degree: 16,
+            // FedKSeed's accumulated scalar gradients and LoRA's per-round changes are far
+            // below this; with 100 devices a sum is still exact to 2.3e-5 per value.
+            clip: 10.0,
+            // Bonawitz et al. plan for up to a third of devices vanishing in a round.
+            max_dropout: 0.3,
+            // A phase is one small message per device: a minute covers a slow mobile link.
+            phase_timeout_s: 60.0,
+        }
+    }
+}
+
+impl SecAggSettings {
+    /// The phase timeout as a duration.
+    pub fn phase_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.phase_timeout_s.max(0.0))
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -437,11 +484,12 @@ impl ServerConfig {
     /// Checks `[robust]` and `[privacy]` against each other and the algorithm.
     fn check_privacy(&self) -> Result<(), ConfigError> {
         if self.privacy.secure_aggregation {
-            return Err(ConfigError::Invalid(
-                "privacy.secure_aggregation: the daemon does not run SecAgg+ over the network yet \
-                 (the simulation harness does, through fedtune_shared::privacy::secure_sum)"
-                    .into(),
-            ));
+            check_secure_aggregation(
+                &self.privacy,
+                self.robust,
+                &self.algorithm,
+                self.rounds.min_reports,
+            )?;
         }
         if let Some(dp) = &self.privacy.dp {
             dp.validate()
@@ -491,6 +539,70 @@ impl ServerConfig {
     pub fn public_address(&self) -> SocketAddr {
         self.public_address.unwrap_or(self.listen)
     }
+}
+
+/// Checks that secure aggregation can run with the rest of a configuration (the daemon's, or a
+/// simulated run's with `min_reports` its clients per round): the server sees only a sum, so
+/// whatever needs one device's update is refused.
+pub fn check_secure_aggregation(
+    privacy: &PrivacySettings,
+    robust: RobustRule,
+    algorithm: &AlgorithmConfig,
+    min_reports: usize,
+) -> Result<(), ConfigError> {
+    let s = &privacy.secagg;
+    let refuse = |m: &str| {
+        Err(ConfigError::Invalid(format!(
+            "privacy.secure_aggregation: {m}"
+        )))
+    };
+    if privacy.dp.is_some() {
+        return refuse(
+            "central DP clips each device's update, which the server never sees; \
+             turn off [privacy.dp]",
+        );
+    }
+    if robust != RobustRule::Mean {
+        return refuse(
+            "robust rules compare devices' updates, which the server never sees; \
+             turn off [robust]",
+        );
+    }
+    match algorithm {
+        AlgorithmConfig::Fedkseed { .. } => {}
+        AlgorithmConfig::Lora {
+            ranks, strategy, ..
+        } => {
+            if *strategy != AggregationStrategy::FedAvg {
+                return refuse(
+                    "HetLoRA and FlexLoRA need each device's adapter; use strategy = \"fed_avg\"",
+                );
+            }
+            if ranks.len() != 1 {
+                return refuse("LoRA needs a single rank (ranks = [r]): the sum is over one shape");
+            }
+        }
+        AlgorithmConfig::FedSpine { .. } => {
+            return refuse("FedSpine aggregates each device's kept coordinates separately");
+        }
+    }
+    if !(s.clip.is_finite() && s.clip > 0.0) {
+        return refuse("secagg.clip must be positive");
+    }
+    if !(0.0..0.5).contains(&s.max_dropout) {
+        return refuse("secagg.max_dropout must be in [0, 0.5)");
+    }
+    if s.degree < 2 {
+        return refuse("secagg.degree must be at least 2");
+    }
+    if !(s.phase_timeout_s.is_finite() && s.phase_timeout_s > 0.0) {
+        return refuse("secagg.phase_timeout_s must be positive");
+    }
+    if min_reports < 3 {
+        // Two devices could unmask each other's update from the sum.
+        return refuse("rounds.min_reports must be at least 3");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -554,12 +666,26 @@ mod tests {
         .unwrap();
         let config = ServerConfig::load(&path).unwrap();
         assert_eq!(config.privacy.dp.map(|d| d.noise_multiplier), Some(1.1));
-        // Krum with too few reports, DP together with a robust rule, and secure aggregation on
-        // the daemon are refused.
+        // Secure aggregation with FedKSeed, its settings defaulted or given.
+        std::fs::write(
+            &path,
+            format!("{base}[privacy]\nsecure_aggregation = true\n[privacy.secagg]\nclip = 4.0\n"),
+        )
+        .unwrap();
+        let config = ServerConfig::load(&path).unwrap();
+        assert!(config.privacy.secure_aggregation);
+        assert_eq!(config.privacy.secagg.clip, 4.0);
+        assert_eq!(
+            config.privacy.secagg.degree,
+            SecAggSettings::default().degree
+        );
+        // Krum with too few reports, DP together with a robust rule, and secure aggregation with
+        // a robust rule or a bad drop-out fraction are refused.
         for extra in [
             "[robust]\nrule = \"krum\"\nbyzantine = 4\n",
             "[robust]\nrule = \"median\"\n[privacy.dp]\nnoise_multiplier = 1.0\ndelta = 1e-5\npopulation = 10\n[privacy.dp.clip]\nnorm = 1.0\n[privacy.dp.clip.adaptive]\ntarget_quantile = 0.5\nlr = 0.2\n",
-            "[privacy]\nsecure_aggregation = true\n",
+            "[robust]\nrule = \"median\"\n[privacy]\nsecure_aggregation = true\n",
+            "[privacy]\nsecure_aggregation = true\n[privacy.secagg]\nmax_dropout = 0.5\n",
         ] {
             std::fs::write(&path, format!("{base}{extra}")).unwrap();
             assert!(
@@ -570,9 +696,44 @@ mod tests {
     }
 
     #[test]
+    fn secure_aggregation_refuses_what_needs_one_devices_update() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        let head = "state_dir = \"s\"\nmodel = \"m\"\n[rounds]\nclients_per_round = 5\nmin_reports = 4\n[privacy]\nsecure_aggregation = true\n";
+        let check = |algorithm: &str| {
+            std::fs::write(&path, format!("{head}[algorithm]\n{algorithm}")).unwrap();
+            ServerConfig::load(&path).map_err(|e| e.to_string())
+        };
+        check("name = \"lora\"\nstrategy = \"fed_avg\"\nranks = [4]\n").expect("FedAvg, one rank");
+        for (algorithm, says) in [
+            (
+                "name = \"lora\"\nstrategy = \"flex_lora\"\nranks = [4]\n",
+                "fed_avg",
+            ),
+            (
+                "name = \"lora\"\nstrategy = \"het_lora\"\nranks = [4]\n",
+                "fed_avg",
+            ),
+            (
+                "name = \"lora\"\nstrategy = \"fed_avg\"\nranks = [2, 4]\n",
+                "single rank",
+            ),
+            ("name = \"fed_spine\"\n", "FedSpine"),
+        ] {
+            let err = check(algorithm).expect_err(algorithm);
+            assert!(err.contains(says), "{algorithm}: {err}");
+        }
+    }
+
+    #[test]
     fn example_configs_parse() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
-        for name in ["server.toml", "server-lora.toml", "server-fedspine.toml"] {
+        for name in [
+            "server.toml",
+            "server-lora.toml",
+            "server-fedspine.toml",
+            "server-secagg.toml",
+        ] {
             let config =
                 ServerConfig::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(config.metrics.is_some(), "{name}");

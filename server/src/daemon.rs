@@ -15,8 +15,10 @@ use fedtune_shared::protocol::auth::EXPORTER_LEN;
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::{decode_body, encode_body};
+use fedtune_shared::protocol::secure::SecAggUpload;
 use fedtune_shared::protocol::{
-    DeviceId, Digest, ErrorCode, Plan, PollRequest, Report, Request, Response, WireError,
+    DeviceId, Digest, ErrorCode, MAX_REQUEST_FRAME, Plan, PollRequest, Report, Request, Response,
+    WireError,
 };
 
 use crate::algorithm::combine::UpdateCombiner;
@@ -30,6 +32,7 @@ use crate::identity::{IdentityError, ServerKeys};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceRecord, Registry, RegistryError};
 use crate::rounds::{Phase, PollDecision, RoundRefusal, RoundRules, Rounds};
+use crate::secure::{PollAnswer, SecureSession, SessionRefusal};
 use crate::store::{PutOutcome, Store, StoreError};
 
 /// Why the daemon could not start or continue.
@@ -79,6 +82,8 @@ pub struct Session {
 struct Running {
     rounds: Rounds,
     algorithm: Box<dyn ServerAlgorithm>,
+    /// The open round's SecAgg+ session (secure aggregation only; made with the first plan).
+    secure: Option<SecureSession>,
 }
 
 /// The daemon's state and request handling.
@@ -204,6 +209,9 @@ impl Core {
                 }
             }
         };
+        if config.privacy.secure_aggregation {
+            check_secure_length(algorithm.as_ref())?;
+        }
         let round = algorithm.round();
         let reported: BTreeSet<DeviceId> = store
             .reports(round)?
@@ -227,7 +235,11 @@ impl Core {
             base_model,
             run_id,
             metrics,
-            running: Mutex::new(Running { rounds, algorithm }),
+            running: Mutex::new(Running {
+                rounds,
+                algorithm,
+                secure: None,
+            }),
         };
         {
             let mut running = core.lock();
@@ -338,7 +350,18 @@ impl Core {
                 };
                 match request {
                     Request::Poll(poll) => self.poll(device, poll, now),
+                    Request::Report(report) if self.config.privacy.secure_aggregation => {
+                        let _ = (record, report);
+                        wire(
+                            ErrorCode::Invalid,
+                            "rounds are secure: updates go through the SecAgg+ phases, not reports",
+                        )
+                    }
                     Request::Report(report) => self.report(device, record, report),
+                    Request::SecAgg { round, message } => {
+                        self.secagg_message(device, round, message, now)
+                    }
+                    Request::SecAggPoll { round } => self.secagg_poll(device, round),
                     Request::UploadStatus { digest } => Response::UploadOffset {
                         offset: self.blobs.upload_offset(device, &digest),
                     },
@@ -377,6 +400,14 @@ impl Core {
                 {
                     return self.internal(e);
                 }
+                let secure = if self.config.privacy.secure_aggregation {
+                    match self.session(&mut running, round) {
+                        Ok(session) => Some(session.assign(device)),
+                        Err(e) => return self.internal(e),
+                    }
+                } else {
+                    None
+                };
                 let plan = Plan {
                     run_id: self.run_id,
                     round,
@@ -385,6 +416,7 @@ impl Core {
                     local_seed: local_seed(self.config.rounds.seed, round, device),
                     deadline_ms: time_left.as_millis() as u64,
                     task,
+                    secure,
                 };
                 match self.keys.signing.sign_value(PLAN_LABEL, &plan) {
                     Ok(signed) => Response::Plan(signed),
@@ -463,13 +495,163 @@ impl Core {
         }
     }
 
-    /// Checks the deadline; aggregates when it closes the round.
+    /// Checks the deadlines; aggregates when they close the round.
     pub fn on_timer(&self, now: Instant) {
         let mut running = self.lock();
+        if self.config.privacy.secure_aggregation {
+            let closed = running.rounds.on_timer(now);
+            self.advance_secure(&mut running, closed, now);
+            return;
+        }
         let closing = running.rounds.on_timer(now) || running.rounds.phase() == Phase::Closing;
         if closing && let Err(e) = self.finish_round(&mut running) {
             tracing::error!(error = %e, "aggregation failed");
         }
+    }
+
+    /// The open round's SecAgg+ session, made with the round's first plan.
+    fn session<'a>(
+        &self,
+        running: &'a mut Running,
+        round: u64,
+    ) -> Result<&'a mut SecureSession, DaemonError> {
+        if running.secure.as_ref().map(SecureSession::round) != Some(round) {
+            let len = check_secure_length(running.algorithm.as_ref())?;
+            let session = SecureSession::new(
+                round,
+                self.config.rounds.slots(),
+                len,
+                running.algorithm.max_samples(),
+                &self.config.privacy.secagg,
+            )
+            .map_err(|e| DaemonError::Mismatch(format!("secure aggregation: {e}")))?;
+            running.secure = Some(session);
+        }
+        running
+            .secure
+            .as_mut()
+            .ok_or_else(|| DaemonError::Mismatch("no secure session".into()))
+    }
+
+    fn secagg_message(
+        &self,
+        device: DeviceId,
+        round: u64,
+        message: SecAggUpload,
+        now: Instant,
+    ) -> Response {
+        let mut running = self.lock();
+        let running = &mut *running;
+        if !self.config.privacy.secure_aggregation {
+            return wire(
+                ErrorCode::SecAgg,
+                "this run does not use secure aggregation",
+            );
+        }
+        let advertisement = matches!(message, SecAggUpload::Advertise(_));
+        if advertisement {
+            // Keys are what a device sends once it has trained: they count as its report.
+            if let Err(refusal) = running.rounds.check_report(device, round) {
+                return wire(ErrorCode::SecAgg, refusal.to_string());
+            }
+        }
+        let Some(session) = running.secure.as_mut().filter(|s| s.round() == round) else {
+            return wire(
+                ErrorCode::SecAgg,
+                format!("no secure session for round {round} (the round may have been restarted)"),
+            );
+        };
+        let phase = message.phase();
+        if let Err(refusal) = session.handle(device, message) {
+            self.metrics.invalid_report("secagg");
+            tracing::warn!(%device, round, phase, %refusal, "secure aggregation message refused");
+            let code = match refusal {
+                SessionRefusal::Stats(_) => ErrorCode::Invalid,
+                _ => ErrorCode::SecAgg,
+            };
+            return wire(code, refusal.to_string());
+        }
+        let closed = advertisement && running.rounds.on_report_stored(device);
+        self.advance_secure(running, closed, now);
+        Response::SecAggAccepted { round }
+    }
+
+    fn secagg_poll(&self, device: DeviceId, round: u64) -> Response {
+        let mut running = self.lock();
+        if round < running.rounds.round() {
+            return Response::SecAgg(fedtune_shared::protocol::secure::SecAggDownload::Done);
+        }
+        let Some(session) = running.secure.as_mut().filter(|s| s.round() == round) else {
+            return wire(
+                ErrorCode::SecAgg,
+                format!("no secure session for round {round} (the round may have been restarted)"),
+            );
+        };
+        match session.poll(device) {
+            Ok(PollAnswer::Message(m)) => Response::SecAgg(m),
+            Ok(PollAnswer::Wait(reason)) => Response::Wait {
+                retry_after_ms: SECAGG_RETRY.as_millis() as u64,
+                reason: reason.into(),
+            },
+            Err(refusal) => wire(ErrorCode::SecAgg, refusal.to_string()),
+        }
+    }
+
+    /// Moves the secure session on: phase 1 closes with the orchestrator (`closed`), the
+    /// others when every device answered or at their deadline; the last one aggregates. A
+    /// session that fails restarts the round.
+    fn advance_secure(&self, running: &mut Running, closed: bool, now: Instant) {
+        let round = running.rounds.round();
+        let Some(session) = running.secure.as_mut().filter(|s| s.round() == round) else {
+            if closed {
+                // Closed without a session: no device ever got a plan.
+                running.rounds.restart(now);
+            }
+            return;
+        };
+        let mut result = Ok(None);
+        if closed {
+            result = session.close_advertisements(now).map(|()| None);
+        }
+        while matches!(result, Ok(None)) && session.phase_done(now) {
+            result = session.close_phase(now);
+        }
+        match result {
+            Ok(None) => {}
+            Ok(Some(aggregate)) => {
+                running.secure = None;
+                if let Err(e) = self.finish_secure_round(running, &aggregate) {
+                    tracing::error!(round, error = %e, "secure aggregation failed; running the round again");
+                    running.rounds.restart(now);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(round, error = %e, "secure aggregation session failed; running the round again");
+                running.secure = None;
+                running.rounds.restart(now);
+            }
+        }
+    }
+
+    fn finish_secure_round(
+        &self,
+        running: &mut Running,
+        aggregate: &crate::secure::SecureAggregate,
+    ) -> Result<RoundSummary, DaemonError> {
+        let round = running.rounds.round();
+        let summary = running.algorithm.aggregate_secure(aggregate)?;
+        self.commit_round(running, round, &summary)?;
+        let cost = aggregate.cost;
+        tracing::info!(
+            round,
+            clients = cost.clients,
+            dropped = cost.dropped,
+            secagg_up_bytes_per_client = cost.upload_bytes_per_client,
+            secagg_down_bytes_per_client = cost.download_bytes_per_client,
+            secagg_server_s = cost.server_s,
+            "secure aggregation cost"
+        );
+        Ok(summary)
     }
 
     fn finish_round(&self, running: &mut Running) -> Result<RoundSummary, DaemonError> {
@@ -487,9 +669,20 @@ impl Core {
             }
         }
         let summary = running.algorithm.aggregate(&reports)?;
+        self.commit_round(running, round, &summary)?;
+        Ok(summary)
+    }
+
+    /// Stores a round's summary, state and checkpoint, and opens the next round.
+    fn commit_round(
+        &self,
+        running: &mut Running,
+        round: u64,
+        summary: &RoundSummary,
+    ) -> Result<(), DaemonError> {
         let keep = self.config.rounds.keep_report_rounds;
         self.store
-            .finish_round(round, &body_of(&summary), &running.algorithm.state(), keep)?;
+            .finish_round(round, &body_of(summary), &running.algorithm.state(), keep)?;
         self.store.write_checkpoint(
             round,
             &running.algorithm.checkpoint(),
@@ -510,7 +703,7 @@ impl Core {
             epsilon = summary.privacy.map(|p| p.epsilon),
             "round finished"
         );
-        Ok(summary)
+        Ok(())
     }
 }
 
@@ -658,6 +851,26 @@ pub fn local_seed(seed: u64, round: u64, device: DeviceId) -> u64 {
     let d = Digest::of(&bytes).0;
     u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
 }
+
+/// The length of the vector a secure round sums, checked against the request frame limit
+/// (a masked input is one request: 4 bytes a value).
+fn check_secure_length(algorithm: &dyn ServerAlgorithm) -> Result<usize, DaemonError> {
+    let len = algorithm.secure_vector_len().ok_or_else(|| {
+        DaemonError::Mismatch(
+            "secure aggregation: this algorithm cannot aggregate from a sum".into(),
+        )
+    })?;
+    // Frame header, message tags and the measurements are far below a kilobyte.
+    if len.saturating_mul(4).saturating_add(1024) > MAX_REQUEST_FRAME {
+        return Err(DaemonError::Mismatch(format!(
+            "secure aggregation: a masked input of {len} values exceeds the {MAX_REQUEST_FRAME}-byte request limit"
+        )));
+    }
+    Ok(len)
+}
+
+/// How long a device waits before polling a secure session again.
+const SECAGG_RETRY: Duration = Duration::from_millis(100);
 
 /// How often the daemon checks round deadlines.
 pub const TICK: Duration = Duration::from_millis(200);

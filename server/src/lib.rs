@@ -3,6 +3,7 @@
 //!
 //! - [`config`] — `server.toml`;
 //! - [`rounds`] — the orchestrator, a state machine without I/O;
+//! - [`secure`] — one round's SecAgg+ session (phases, deadlines, cost), without I/O;
 //! - [`algorithm`] — what each algorithm does on the server (plans, validation, aggregation);
 //! - [`registry`] — devices, enrollment tokens, keys, revocation;
 //! - [`store`] — durable records (redb) and checkpoints;
@@ -21,6 +22,7 @@ pub mod identity;
 pub mod metrics;
 pub mod registry;
 pub mod rounds;
+pub mod secure;
 pub mod store;
 pub mod transport;
 

@@ -228,6 +228,17 @@ impl Rounds {
         false
     }
 
+    /// The closing round failed in a way that running it again can fix (a secure session lost
+    /// too many devices): opens the same round again at `now`, every slot free.
+    pub fn restart(&mut self, now: Instant) {
+        self.assigned.clear();
+        self.reported.clear();
+        self.deadline = now + self.rules.deadline;
+        if self.phase != Phase::Finished {
+            self.phase = Phase::Open;
+        }
+    }
+
     /// The daemon aggregated the closing round; opens the next one at `now`.
     pub fn advance(&mut self, now: Instant) {
         self.round += 1;

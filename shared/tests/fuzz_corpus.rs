@@ -13,10 +13,14 @@ use std::path::{Path, PathBuf};
 use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::lora::{AdaptedLayer, AdapterWeights, LoraConfig, LoraFactors};
 use fedtune_shared::lora::{LoraScaling, TargetModule};
+use fedtune_shared::privacy::secagg::{
+    KeyAdvertisement, MaskedInput, NeighbourKeys, SecAggClient, SecAggConfig,
+};
 use fedtune_shared::protocol::adapter_blob::encode_adapter;
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::frame::{self, HEADER_LEN};
 use fedtune_shared::protocol::fuzzing;
+use fedtune_shared::protocol::secure::{SecAggDownload, SecAggUpload, SecureRound};
 use fedtune_shared::protocol::*;
 use fedtune_shared::zo::round::{ClientReport, DeltaEntries, HistoryDelta, RoundPlan, ZoRunConfig};
 use fedtune_shared::zo::seed_pool::SeedSampling;
@@ -124,6 +128,14 @@ fn write_seeds() {
     }
 }
 
+fn secagg_config() -> SecAggConfig {
+    SecAggConfig::new(5, 10, 8, 4.0, 4, 0.3).unwrap()
+}
+
+fn secagg_client() -> (SecAggClient, KeyAdvertisement) {
+    SecAggClient::new(secagg_config(), 2, [3; 32])
+}
+
 fn digest(tag: &str) -> Digest {
     Digest::of(tag.as_bytes())
 }
@@ -163,6 +175,27 @@ fn requests() -> Vec<(&'static str, Request)> {
             }),
         ),
         ("poll", Request::Poll(PollRequest { last_seen_round: 3 })),
+        (
+            "secagg-advertise",
+            Request::SecAgg {
+                round: 5,
+                message: SecAggUpload::Advertise(secagg_client().1),
+            },
+        ),
+        (
+            "secagg-masked",
+            Request::SecAgg {
+                round: 5,
+                message: SecAggUpload::Masked {
+                    input: MaskedInput {
+                        from: 2,
+                        masked: vec![7; 32],
+                    },
+                    stats: stats(),
+                },
+            },
+        ),
+        ("secagg-poll", Request::SecAggPoll { round: 5 }),
         (
             "report-fedkseed",
             Request::Report(Report {
@@ -250,6 +283,7 @@ fn fedkseed_plan() -> Plan {
             },
             batch_size: 4,
         },
+        secure: None,
     }
 }
 
@@ -287,6 +321,17 @@ fn plans() -> Vec<(&'static str, Plan)> {
         ),
         ("lora-fresh", lora_plan(None)),
         (
+            "fedkseed-secure",
+            Plan {
+                secure: Some(SecureRound {
+                    config: secagg_config(),
+                    id: 2,
+                    max_samples: 4,
+                }),
+                ..fedkseed_plan()
+            },
+        ),
+        (
             "lora-adapter",
             lora_plan(Some(BlobRef {
                 digest: digest("global"),
@@ -307,6 +352,14 @@ fn responses() -> Vec<(&'static str, Response)> {
             },
         ),
         ("authenticated", Response::Authenticated),
+        (
+            "secagg-neighbour-keys",
+            Response::SecAgg(SecAggDownload::NeighbourKeys(NeighbourKeys {
+                threshold: 2,
+                neighbours: vec![secagg_client().1],
+            })),
+        ),
+        ("secagg-accepted", Response::SecAggAccepted { round: 5 }),
         ("plan-fedkseed", Response::Plan(signed(&fedkseed_plan()))),
         ("plan-lora", Response::Plan(signed(&lora_plan(None)))),
         (

@@ -169,7 +169,8 @@ pub struct RunConfig {
     /// How the round's updates are combined (`rule = "median"`, …), as the daemon's `[robust]`.
     #[serde(default)]
     pub robust: RobustRule,
-    /// Central differential privacy, as the daemon's `[privacy]`.
+    /// Central differential privacy or secure aggregation (`secure_aggregation = true`, with
+    /// `[runs.privacy.secagg]`), as the daemon's `[privacy]`.
     #[serde(default)]
     pub privacy: PrivacySettings,
 }
@@ -276,10 +277,14 @@ impl SimulationConfig {
                 return bad("two runs have the same label");
             }
             if run.privacy.secure_aggregation {
-                return bad(
-                    "secure aggregation is not in the harness's rounds yet (its in-process driver \
-                     is fedtune_shared::privacy::secure_sum)",
-                );
+                // The daemon's own rules; a round's clients stand for its `min_reports`.
+                fedtune_server::config::check_secure_aggregation(
+                    &run.privacy,
+                    run.robust,
+                    &run.algorithm,
+                    self.clients_per_round,
+                )
+                .map_err(|e| ConfigError::Invalid(format!("run {}: {e}", run.label)))?;
             }
         }
         if !(0.0..1.0).contains(&self.partition.heldout_fraction) {

@@ -15,14 +15,18 @@ use fedtune_server::algorithm::fedspine::{FedSpine, FedSpineSettings};
 use fedtune_server::algorithm::lora::{Lora, LoraSettings};
 use fedtune_server::algorithm::{AlgorithmError, ServerAlgorithm};
 use fedtune_server::blobs::{BlobError, Blobs};
-use fedtune_server::config::AlgorithmConfig;
+use fedtune_server::config::{AlgorithmConfig, SecAggSettings};
 use fedtune_server::daemon::local_seed;
+use fedtune_server::secure::{SecureAggregate, SecureCost};
 use fedtune_shared::lora::attach::attach_weights;
 use fedtune_shared::model::Llama;
+use fedtune_shared::privacy::secagg::{ClientId, SecAggConfig};
+use fedtune_shared::privacy::secure_sum::{Dropouts, run_secure_sum};
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::frame::encode;
+use fedtune_shared::protocol::secure::{input_weight, weighted_input};
 use fedtune_shared::protocol::{
-    DeviceId, Digest, Plan, Report, Request, Response, SigningKey, Task,
+    DeviceId, Digest, Plan, Report, ReportPayload, Request, Response, SigningKey, Task,
 };
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -50,6 +54,13 @@ pub struct RoundPolicy {
     pub eval_every: u64,
     /// Devices trained at the same time on this machine.
     pub concurrency: usize,
+    /// Secure aggregation (`[privacy] secure_aggregation = true`): each round's updates are
+    /// summed by SecAgg+'s state machines (`fedtune_shared::privacy::secure_sum`), and the
+    /// daemon's driver advances from the sum as the daemon does. A device the fleet drops
+    /// takes part in the session up to sharing its keys and vanishes before its masked input,
+    /// so its pairwise masks are recovered from its neighbours' shares (its update is not in
+    /// the sum, as it is not in the clear).
+    pub secure: Option<SecAggSettings>,
 }
 
 /// Why a run stopped.
@@ -209,6 +220,32 @@ impl Driver {
         }
     }
 
+    /// The flat update a device masks in a secure round (FedKSeed: its dense K-vector of
+    /// accumulated scalar gradients; LoRA: its adapter minus the global adapter), before its
+    /// sample weight.
+    pub fn secure_update(&self, blobs: &Blobs, report: &Report) -> Result<Vec<f32>, EngineError> {
+        let invalid =
+            |e: &dyn std::fmt::Display| EngineError::Invalid(format!("secure update: {e}"));
+        match (self, &report.payload) {
+            (Self::FedKSeed { algorithm, .. }, ReportPayload::FedKSeed(inner)) => {
+                Ok(fedtune_shared::robust::flat::dense_seed_grads(
+                    inner,
+                    algorithm.server().config().k,
+                ))
+            }
+            (Self::Lora(lora), ReportPayload::Lora { adapter, .. }) => {
+                let bytes = blobs.read(&adapter.digest).map_err(|e| invalid(&e))?;
+                let weights = fedtune_shared::protocol::adapter_blob::decode_adapter(&bytes)
+                    .map_err(|e| invalid(&e))?;
+                fedtune_shared::robust::flat::adapter_delta(lora.global(), &weights)
+                    .map_err(|e| invalid(&e))
+            }
+            _ => Err(EngineError::Invalid(
+                "secure aggregation runs FedKSeed and LoRA (FedAvg, one rank) only".into(),
+            )),
+        }
+    }
+
     /// The global model for inference.
     pub fn global_model(&mut self, base: &Llama) -> Result<Llama, EngineError> {
         self.catch_up()?;
@@ -296,6 +333,7 @@ pub fn run_in_process(
                 local_seed: seed,
                 deadline_ms: policy.deadline_s.map_or(0, |s| (s * 1000.0) as u64),
                 task: task.clone(),
+                secure: None,
             };
             let signed = server_key
                 .sign_value(PLAN_LABEL, &plan)
@@ -315,11 +353,13 @@ pub fn run_in_process(
         let mut bytes_up = 0u64;
         let mut compute_s = 0.0f64;
         let mut attackers = 0usize;
+        let mut vanished = 0usize;
         for attempt in attempts {
             let profile = profile(fleet, population, attempt.client);
             let Some(outcome) = attempt.outcome else {
                 // Dropped out after taking the task: it cost the download and the wait.
                 dropped += 1;
+                vanished += 1;
                 continue;
             };
             let result = match outcome {
@@ -371,7 +411,21 @@ pub fn run_in_process(
             reports.push((attempt.device, report));
         }
         reports.sort_by_key(|(device, _)| *device);
-        let (train_loss, epsilon) = if reports.is_empty() {
+        let mut secure_cost = None;
+        let (train_loss, epsilon) = if let Some(settings) = &policy.secure {
+            let aggregate = secure_sum(driver, blobs, &reports, vanished, round, settings, policy)?;
+            match aggregate {
+                Some(aggregate) => {
+                    let summary = driver.algorithm().aggregate_secure(&aggregate)?;
+                    let cost = aggregate.cost;
+                    bytes_up += (cost.upload_bytes_per_client * cost.clients as f64) as u64;
+                    bytes_down += (cost.download_bytes_per_client * cost.clients as f64) as u64;
+                    secure_cost = Some(cost);
+                    (summary.mean_loss, None)
+                }
+                None => (f32::NAN, None),
+            }
+        } else if reports.is_empty() {
             tracing::warn!(round, "no report this round; the global model stays");
             (f32::NAN, None)
         } else {
@@ -406,11 +460,82 @@ pub fn run_in_process(
             eval_s,
             peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
             epsilon,
+            secagg_up_bytes_per_client: secure_cost.map(|c| c.upload_bytes_per_client),
+            secagg_down_bytes_per_client: secure_cost.map(|c| c.download_bytes_per_client),
+            secagg_server_s: secure_cost.map(|c| c.server_s),
         };
         tracing::info!(?record, "round simulated");
         on_round(&record);
     }
     Ok(initial)
+}
+
+/// One round's secure sum over the accepted `reports` plus `vanished` devices that share keys
+/// and drop out before masking, through SecAgg+'s state machines. `None` when the session
+/// fails (too few devices, or too many drop-outs for the threshold): the round then changes
+/// nothing, as on the daemon, where it would run again.
+fn secure_sum(
+    driver: &Driver,
+    blobs: &Blobs,
+    reports: &[(DeviceId, Report)],
+    vanished: usize,
+    round: u64,
+    settings: &SecAggSettings,
+    policy: &RoundPolicy,
+) -> Result<Option<SecureAggregate>, EngineError> {
+    let algorithm: &dyn ServerAlgorithm = match driver {
+        Driver::FedKSeed { algorithm, .. } => algorithm,
+        Driver::Lora(lora) => lora,
+        Driver::FedSpine(fedspine) => fedspine,
+    };
+    let len = algorithm.secure_vector_len().ok_or_else(|| {
+        EngineError::Invalid("this algorithm cannot aggregate from a secure sum".into())
+    })?;
+    let max_samples = algorithm.max_samples();
+    let mut inputs = Vec::with_capacity(reports.len() + vanished);
+    for (_, report) in reports {
+        let update = driver.secure_update(blobs, report)?;
+        inputs.push(weighted_input(&update, report.stats.samples, max_samples));
+    }
+    // The vanished devices' inputs are never masked; their length only has to be right.
+    inputs.extend((0..vanished).map(|_| vec![0.0f32; len]));
+    let config = SecAggConfig::new(
+        round,
+        policy.clients_per_round.max(inputs.len()),
+        len,
+        settings.clip,
+        settings.degree,
+        settings.max_dropout,
+    )
+    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let dropouts = Dropouts {
+        before_input: (reports.len()..inputs.len())
+            .map(|i| i as ClientId)
+            .collect(),
+        before_unmask: Default::default(),
+    };
+    let run = match run_secure_sum(&config, &inputs, &dropouts, policy.seed ^ round) {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::warn!(round, error = %e, "secure aggregation failed; the global model stays");
+            return Ok(None);
+        }
+    };
+    Ok(Some(SecureAggregate {
+        sum: run.result.sum,
+        weight: reports
+            .iter()
+            .map(|(_, r)| f64::from(input_weight(r.stats.samples, max_samples)))
+            .sum(),
+        stats: reports.iter().map(|(d, r)| (*d, r.stats)).collect(),
+        cost: SecureCost {
+            clients: run.result.clients.len(),
+            dropped: vanished,
+            upload_bytes_per_client: run.upload_bytes_per_client,
+            download_bytes_per_client: run.download_bytes_per_client,
+            server_s: run.server_s,
+        },
+    }))
 }
 
 fn profile<'a>(

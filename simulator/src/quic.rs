@@ -266,6 +266,7 @@ fn round_records(
     rounds
         .map(|round| {
             let summary = summaries.iter().find(|(r, _)| *r == round).map(|(_, s)| s);
+            let secure = summary.and_then(|s| s.secure);
             let k = (round - first + 1) as f64;
             RoundRecord {
                 run: run.label.clone(),
@@ -274,7 +275,7 @@ fn round_records(
                 clients: summary.map_or(0, |s| s.reports),
                 // Attackers are refused with the QUIC transport (`SimulationConfig::validate`).
                 attackers: 0,
-                dropped: 0,
+                dropped: secure.map_or(0, |c| c.dropped),
                 train_loss: summary.map_or(f32::NAN, |s| s.mean_loss),
                 heldout_loss: None,
                 perplexity: None,
@@ -289,6 +290,9 @@ fn round_records(
                 eval_s: 0.0,
                 peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
                 epsilon: summary.and_then(|s| s.privacy.as_ref()).map(|p| p.epsilon),
+                secagg_up_bytes_per_client: secure.map(|c| c.upload_bytes_per_client),
+                secagg_down_bytes_per_client: secure.map(|c| c.download_bytes_per_client),
+                secagg_server_s: secure.map(|c| c.server_s),
             }
         })
         .collect()

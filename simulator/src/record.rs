@@ -65,6 +65,16 @@ pub struct RoundRecord {
     /// With central DP: the privacy spent so far (ε at the configured δ).
     #[serde(default)]
     pub epsilon: Option<f64>,
+    /// With secure aggregation: the mean SecAgg+ bytes a device in the sum sent this round (its
+    /// four phases' messages, the masked update included), on top of the plain protocol's.
+    #[serde(default)]
+    pub secagg_up_bytes_per_client: Option<f64>,
+    /// With secure aggregation: the mean SecAgg+ bytes such a device received.
+    #[serde(default)]
+    pub secagg_down_bytes_per_client: Option<f64>,
+    /// With secure aggregation: the seconds the server spent in SecAgg+ this round.
+    #[serde(default)]
+    pub secagg_server_s: Option<f64>,
 }
 
 /// The whole run, written when it ends.

@@ -45,7 +45,8 @@ pub enum ReportError {
 
 /// The CSV columns, in order; the same names as [`RoundRecord`]'s fields.
 const CSV_HEADER: &str = "run,algorithm,round,clients,dropped,train_loss,heldout_loss,perplexity,\
-rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,compute_s,eval_s,peak_rss_bytes,attackers";
+rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,compute_s,eval_s,peak_rss_bytes,attackers,\
+epsilon,secagg_up_bytes_per_client,secagg_down_bytes_per_client,secagg_server_s";
 
 /// Writes a run folder as the run goes.
 #[derive(Debug)]
@@ -340,6 +341,7 @@ pub fn duration(seconds: f64) -> String {
 /// One CSV row for `record`, columns as [`CSV_HEADER`]; absent values are empty cells.
 fn csv_row(r: &RoundRecord) -> String {
     let opt = |v: Option<f32>| v.map(|v| v.to_string()).unwrap_or_default();
+    let opt64 = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     [
         csv_text(&r.run),
         csv_text(&r.algorithm),
@@ -360,6 +362,10 @@ fn csv_row(r: &RoundRecord) -> String {
         r.eval_s.to_string(),
         r.peak_rss_bytes.map(|v| v.to_string()).unwrap_or_default(),
         r.attackers.to_string(),
+        opt64(r.epsilon),
+        opt64(r.secagg_up_bytes_per_client),
+        opt64(r.secagg_down_bytes_per_client),
+        opt64(r.secagg_server_s),
     ]
     .join(",")
 }
@@ -423,6 +429,9 @@ mod tests {
                 eval_s: 0.05,
                 peak_rss_bytes: Some(100 << 20),
                 epsilon: None,
+                secagg_up_bytes_per_client: None,
+                secagg_down_bytes_per_client: None,
+                secagg_server_s: None,
             });
         }
         let last = 3.0 - step * rounds as f32;
@@ -462,7 +471,7 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0], CSV_HEADER);
-        assert_eq!(lines[0].split(',').count(), 19);
+        assert_eq!(lines[0].split(',').count(), 23);
         // The label is quoted; round 2 was not evaluated, so its loss cells are empty.
         assert!(
             lines[2].starts_with("\"a,\"\"b\"\"\",fedkseed,2,4,1,"),

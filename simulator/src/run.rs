@@ -326,6 +326,7 @@ fn run_one(
                 concurrency: config
                     .concurrency
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+                secure: run.privacy.secure_aggregation.then_some(run.privacy.secagg),
             };
             let initial = run_in_process(
                 &run.label,

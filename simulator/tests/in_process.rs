@@ -53,6 +53,7 @@ fn run(
         seed: 11,
         eval_every: 1,
         concurrency: 2,
+        secure: None,
     };
     let evaluator = Evaluator {
         heldout: population.heldout.clone(),

@@ -51,6 +51,9 @@ fn synthetic(label: &str, decay: f64, bytes: u64, round_s: f64) -> (Vec<RoundRec
             eval_s: 0.01,
             peak_rss_bytes: Some(300 << 20),
             epsilon: None,
+            secagg_up_bytes_per_client: None,
+            secagg_down_bytes_per_client: None,
+            secagg_server_s: None,
         });
     }
     let summary = RunSummary {

@@ -62,6 +62,7 @@ fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {
         seed: SEED,
         eval_every: ROUNDS,
         concurrency: 1,
+        secure: None,
     };
     let evaluator = Evaluator {
         heldout: population.heldout.clone(),

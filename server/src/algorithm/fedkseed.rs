@@ -12,7 +12,8 @@ use fedtune_shared::robust::flat::dense_seed_grads;
 use fedtune_shared::zo::round::{ClientReport, ReportError, ZoRunConfig, ZoServer};
 
 use super::combine::UpdateCombiner;
-use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
+use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm, secure_mean};
+use crate::secure::SecureAggregate;
 
 /// FedKSeed's server side.
 #[derive(Debug, Clone)]
@@ -243,6 +244,47 @@ impl ServerAlgorithm for FedKSeed {
 
     fn checkpoint(&self) -> Vec<u8> {
         encode_body(&self.server).unwrap_or_default()
+    }
+
+    fn secure_vector_len(&self) -> Option<usize> {
+        Some(self.server.config().k as usize)
+    }
+
+    fn max_samples(&self) -> u64 {
+        self.server.config().tau as u64 * self.batch_size as u64
+    }
+
+    fn aggregate_secure(
+        &mut self,
+        aggregate: &SecureAggregate,
+    ) -> Result<RoundSummary, AlgorithmError> {
+        let start = Instant::now();
+        let round = self.server.round();
+        let mean = secure_mean(aggregate, self.server.config().k as usize)?;
+        // FedKSeed-Pro's importance needs each seed's gradients; a secure round has only their
+        // weighted mean per seed, which then stands for the round's gradients of that seed.
+        let pro = if self.server.config().pro {
+            vec![ClientReport {
+                round,
+                seed_grads: Vec::new(),
+                step_grads: mean
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &v)| v != 0.0 && v.is_finite())
+                    .map(|(s, &v)| (s as u32, v))
+                    .collect(),
+                samples: 1,
+            }]
+        } else {
+            Vec::new()
+        };
+        let mut next = self.server.clone();
+        next.apply_mean(&pro, &mean);
+        self.server = next;
+        Ok(RoundSummary {
+            secure: Some(aggregate.cost),
+            ..RoundSummary::of_stats(round, aggregate.stats.iter().map(|(_, s)| s), start)
+        })
     }
 }
 

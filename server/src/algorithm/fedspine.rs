@@ -170,6 +170,11 @@ impl ServerAlgorithm for FedSpine {
         self.state.round
     }
 
+    fn max_samples(&self) -> u64 {
+        let lora = &self.settings.lora;
+        (lora.local_steps * lora.train.batch_size.max(1)) as u64
+    }
+
     fn task(&mut self, device: DeviceId, _last_seen: u64) -> Result<Task, AlgorithmError> {
         let assignment = match self.state.assigned.get(&device) {
             // A device that polls again in the same round gets the same work.

@@ -28,8 +28,9 @@ use fedtune_shared::robust::flat::{adapter_delta, apply_adapter_delta};
 use serde::{Deserialize, Serialize};
 
 use super::combine::UpdateCombiner;
-use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm};
+use super::{AlgorithmError, Rejection, RoundSummary, ServerAlgorithm, secure_mean};
 use crate::blobs::Blobs;
+use crate::secure::SecureAggregate;
 
 /// The run's fixed settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -497,5 +498,59 @@ impl ServerAlgorithm for Lora {
 
     fn checkpoint(&self) -> Vec<u8> {
         encode_adapter(&self.state.global)
+    }
+
+    fn secure_vector_len(&self) -> Option<usize> {
+        // A sum is over one shape: FedAvg of devices that all train at the global rank.
+        let single_rank = self
+            .settings
+            .ranks
+            .iter()
+            .all(|&r| r == self.state.global.rank);
+        (self.settings.strategy == AggregationStrategy::FedAvg && single_rank)
+            .then(|| fedtune_shared::robust::flat::adapter_len(&self.state.global))
+    }
+
+    fn max_samples(&self) -> u64 {
+        (self.settings.local_steps * self.settings.train.batch_size.max(1)) as u64
+    }
+
+    fn aggregate_secure(
+        &mut self,
+        aggregate: &SecureAggregate,
+    ) -> Result<RoundSummary, AlgorithmError> {
+        let start = Instant::now();
+        let round = self.state.round;
+        let len = self
+            .secure_vector_len()
+            .ok_or_else(|| AlgorithmError::Aggregation("not a single-rank FedAvg run".into()))?;
+        let mean = secure_mean(aggregate, len)?;
+        let mut next = self.state.clone();
+        next.global = apply_adapter_delta(&self.state.global, &mean)
+            .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
+        let mut observations = Vec::new();
+        for (device, stats) in &aggregate.stats {
+            if let Some(a) = next.assigned.get(device) {
+                observations.push((*device, a.arm, observation(stats)));
+            }
+            *next.steps.entry(*device).or_default() += self.settings.local_steps;
+        }
+        reward_bandits(&mut next.bandits, &observations);
+        for stale in std::mem::take(&mut next.stale) {
+            self.blobs.remove(&stale.digest);
+        }
+        next.stale = next.assigned.values().map(|a| a.sent).collect();
+        next.assigned.clear();
+        next.round += 1;
+        self.state = next;
+        tracing::info!(
+            round,
+            clients = aggregate.stats.len(),
+            "LoRA round aggregated from a secure sum"
+        );
+        Ok(RoundSummary {
+            secure: Some(aggregate.cost),
+            ..RoundSummary::of_stats(round, aggregate.stats.iter().map(|(_, s)| s), start)
+        })
     }
 }

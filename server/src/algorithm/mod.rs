@@ -8,8 +8,10 @@ pub mod fedspine;
 pub mod lora;
 
 use fedtune_shared::privacy::dp::RoundPrivacy;
-use fedtune_shared::protocol::{DeviceId, ErrorCode, Report, Task, WireError};
+use fedtune_shared::protocol::{DeviceId, ErrorCode, LocalStats, Report, Task, WireError};
 use serde::{Deserialize, Serialize};
+
+use crate::secure::{SecureAggregate, SecureCost};
 
 /// Why a report was refused by the algorithm.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -64,19 +66,32 @@ pub struct RoundSummary {
     pub aggregation_s: f64,
     /// What differential privacy spent (ε so far for the configured δ); `None` without DP.
     pub privacy: Option<RoundPrivacy>,
+    /// What secure aggregation cost; `None` for a round aggregated in the clear.
+    pub secure: Option<SecureCost>,
 }
 
 impl RoundSummary {
     /// The summary of aggregating `reports` in round `round`, started at `started`.
     pub fn of(round: u64, reports: &[(DeviceId, Report)], started: std::time::Instant) -> Self {
-        let (samples, mean_loss) = weighted_loss(reports);
+        Self::of_stats(round, reports.iter().map(|(_, r)| &r.stats), started)
+    }
+
+    /// The summary of a round whose devices measured `stats` (a secure round has no reports,
+    /// only the measurements sent with the masked inputs).
+    pub fn of_stats<'a>(
+        round: u64,
+        stats: impl Iterator<Item = &'a LocalStats> + Clone,
+        started: std::time::Instant,
+    ) -> Self {
+        let (samples, mean_loss) = weighted_stats_loss(stats.clone());
         Self {
             round,
-            reports: reports.len(),
+            reports: stats.count(),
             samples,
             mean_loss,
             aggregation_s: started.elapsed().as_secs_f64(),
             privacy: None,
+            secure: None,
         }
     }
 }
@@ -109,16 +124,59 @@ pub trait ServerAlgorithm: Send {
 
     /// The global checkpoint to keep on disk (FedKSeed: its history; LoRA: the adapter).
     fn checkpoint(&self) -> Vec<u8>;
+
+    /// The length of the vector each device masks in a secure round (FedKSeed: K; LoRA: the
+    /// flattened adapter), or `None` when the algorithm cannot aggregate from a sum.
+    fn secure_vector_len(&self) -> Option<usize> {
+        None
+    }
+
+    /// The most samples a device can train on in a round (the weights of a secure sum are
+    /// `samples / max_samples`).
+    fn max_samples(&self) -> u64;
+
+    /// Advances from a secure round's sum of weighted updates (see
+    /// [`fedtune_shared::protocol::secure::weighted_input`]).
+    fn aggregate_secure(
+        &mut self,
+        _aggregate: &SecureAggregate,
+    ) -> Result<RoundSummary, AlgorithmError> {
+        Err(AlgorithmError::Aggregation(
+            "this algorithm cannot aggregate from a secure sum".into(),
+        ))
+    }
+}
+
+/// The sample-weighted mean update of a secure sum, checked against the expected length.
+pub(crate) fn secure_mean(
+    aggregate: &SecureAggregate,
+    len: usize,
+) -> Result<Vec<f32>, AlgorithmError> {
+    if aggregate.sum.len() != len || aggregate.weight.is_nan() || aggregate.weight <= 0.0 {
+        return Err(AlgorithmError::Aggregation(format!(
+            "a secure sum of {} values with weight {}, {len} values expected",
+            aggregate.sum.len(),
+            aggregate.weight
+        )));
+    }
+    Ok(aggregate
+        .sum
+        .iter()
+        .map(|&s| (f64::from(s) / aggregate.weight) as f32)
+        .collect())
 }
 
 /// Sample-weighted mean loss of reports.
 pub fn weighted_loss(reports: &[(DeviceId, Report)]) -> (u64, f32) {
-    let samples = reports
-        .iter()
-        .fold(0u64, |total, (_, r)| total.saturating_add(r.stats.samples));
-    let loss = reports
-        .iter()
-        .map(|(_, r)| r.stats.mean_loss as f64 * r.stats.samples as f64)
+    weighted_stats_loss(reports.iter().map(|(_, r)| &r.stats))
+}
+
+fn weighted_stats_loss<'a>(stats: impl Iterator<Item = &'a LocalStats> + Clone) -> (u64, f32) {
+    let samples = stats
+        .clone()
+        .fold(0u64, |total, s| total.saturating_add(s.samples));
+    let loss = stats
+        .map(|s| s.mean_loss as f64 * s.samples as f64)
         .sum::<f64>()
         / samples.max(1) as f64;
     (samples, loss as f32)

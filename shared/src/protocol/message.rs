@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::{DeviceId, PublicKey, Signed};
 use super::blob::Digest;
+use super::secure::{SecAggDownload, SecAggUpload, SecureRound};
 use crate::lora::config::LoraConfig;
 use crate::lora::train::TrainConfig;
 use crate::prune::kept::KeptUnits;
@@ -43,6 +44,19 @@ pub enum Request {
         total: u64,
         /// Where the bytes that follow start.
         offset: u64,
+    },
+    /// A secure round's phase message (the device's SecAgg id must be its own).
+    SecAgg {
+        /// The round (the session).
+        round: u64,
+        /// The message.
+        message: SecAggUpload,
+    },
+    /// Ask for the next message of a secure round's session (answered with
+    /// [`Response::SecAgg`] once the current phase has closed, [`Response::Wait`] before).
+    SecAggPoll {
+        /// The round (the session).
+        round: u64,
     },
 }
 
@@ -106,6 +120,9 @@ pub struct Plan {
     pub deadline_ms: u64,
     /// The work.
     pub task: Task,
+    /// Set when the round aggregates with SecAgg+: after training, the device runs the four
+    /// phases (see [`super::secure`]) instead of sending its update in a [`Report`].
+    pub secure: Option<SecureRound>,
 }
 
 /// The algorithm-specific part of a plan.
@@ -283,6 +300,13 @@ pub enum Response {
     },
     /// The request was refused.
     Error(WireError),
+    /// The next message of a secure round's session.
+    SecAgg(SecAggDownload),
+    /// A secure round's phase message was taken.
+    SecAggAccepted {
+        /// The round.
+        round: u64,
+    },
 }
 
 /// A refusal, with a code a program can act on and a message a person can read.
@@ -321,6 +345,9 @@ pub enum ErrorCode {
     BadBlob,
     /// The server failed (its fault, not the request's).
     Internal,
+    /// A secure-aggregation message out of phase, repeated, malformed, or for a session the
+    /// device is not (or no longer) part of: the device abandons the session.
+    SecAgg,
 }
 
 impl WireError {

@@ -26,6 +26,9 @@
 //!   | <--------------- Accepted{round, duplicate} -----  |  acknowledged; a resend counts once
 //! ```
 //!
+//! A secure round (`[privacy] secure_aggregation = true`) replaces the report with the four
+//! SecAgg+ phases: see [`secure`].
+//!
 //! Any request can instead be answered with [`Response::Error`], whose [`ErrorCode`] says what
 //! to do (re-enroll, drop the round, back off). A frame of another protocol version is answered
 //! with a `VersionMismatch` error in the server's version, which the device reports as "server
@@ -38,6 +41,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
+pub mod secure;
 
 pub use auth::{DeviceId, PublicKey, Signed, SigningKey};
 pub use blob::Digest;
@@ -45,7 +49,7 @@ pub use frame::FrameError;
 pub use message::*;
 
 /// The protocol version this build speaks. Bump it on any change to a message's encoding.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The largest request frame a server accepts: requests are small (reports of FedKSeed are a
 /// few KB, larger payloads go as blobs).
