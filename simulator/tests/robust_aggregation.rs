@@ -101,6 +101,7 @@ fn run(base: &Llama, population: &Population, rule: RobustRule) -> (f32, Vec<Rou
         seed: SEED,
         eval_every: 1,
         concurrency: 2,
+        secure: None,
     };
     let evaluator = Evaluator {
         heldout: population.heldout.clone(),
