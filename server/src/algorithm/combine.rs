@@ -6,6 +6,7 @@
 //! so ε keeps counting across restarts.
 
 use fedtune_shared::privacy::dp::{DpConfig, DpMechanism, RoundPrivacy};
+use fedtune_shared::protocol::frame::decode_body;
 use fedtune_shared::robust::RobustRule;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -54,9 +55,16 @@ impl UpdateCombiner {
         self.dp.as_ref()
     }
 
-    /// Replaces the DP state with a stored one (after a restart).
-    pub fn restore_dp(&mut self, dp: DpMechanism) {
-        self.dp = Some(dp);
+    /// Restores the DP state an algorithm stored after its own state `S`, as
+    /// `(S, DpMechanism)`, when DP is on. A run that turns DP on mid-way has no such state and
+    /// starts its accountant at zero (logged).
+    pub fn restore_dp_after<S: serde::de::DeserializeOwned>(&mut self, stored: &[u8]) {
+        if self.dp.is_some() {
+            match decode_body::<(S, DpMechanism)>(stored) {
+                Ok((_, dp)) => self.dp = Some(dp),
+                Err(_) => tracing::warn!("no stored DP state: epsilon counts from this round"),
+            }
+        }
     }
 
     /// Combines one round's `updates` (one per report, `weights` their sample counts) into the

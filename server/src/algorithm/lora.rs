@@ -135,12 +135,7 @@ impl Lora {
     /// Restores the DP state stored with `bytes` by [`ServerAlgorithm::state`] when DP is on.
     /// A run that turns DP on mid-way starts its accountant at zero (logged).
     pub fn restore_dp(mut self, bytes: &[u8]) -> Self {
-        if self.combiner.dp_state().is_some() {
-            match decode_body::<(State, DpMechanism)>(bytes) {
-                Ok((_, dp)) => self.combiner.restore_dp(dp),
-                Err(_) => tracing::warn!("no stored DP state: epsilon counts from this round"),
-            }
-        }
+        self.combiner.restore_dp_after::<State>(bytes);
         self
     }
 
