@@ -258,3 +258,36 @@ fn training_lowers_the_loss_and_leaves_the_base_untouched() {
             .any(|f| f.b.iter().any(|&v| v != 0.0))
     );
 }
+
+#[test]
+fn a_round_with_dropout_is_a_function_of_its_seed() {
+    let device = Device::flex().autodiff();
+    let base = tiny(&device);
+    let dropped = LoraConfig {
+        dropout: 0.3,
+        ..config(4)
+    };
+    let data: Vec<TrainExample> = (0..4)
+        .map(|s| TrainExample::text((0..12).map(|i| ((s + i) * 5 % 32) as u32).collect()))
+        .collect();
+    let round = |round_seed: u64| {
+        let model = attach_fresh(base.clone(), &dropped, 3);
+        let mut trainer = LoraTrainer::new(TrainConfig::default(), 0);
+        let mut rng = ChaCha8Rng::seed_from_u64(round_seed);
+        let (model, report) = trainer.train_round(model, &data, 3, &mut rng);
+        let weights = adapter_weights(&model, dropped.scaling).unwrap();
+        (weights, report.mean_loss)
+    };
+    let (first, loss) = round(21);
+    let (again, loss_again) = round(21);
+    assert_eq!(first, again, "same seed, same masks, same adapters");
+    assert_eq!(loss, loss_again);
+    // Batches come from the same generator; the seed moves both, and the masks must matter:
+    // the same batches with dropout off train to other adapters.
+    let (other, _) = round(22);
+    assert_ne!(first, other);
+    let model = attach_fresh(base.clone(), &config(4), 3);
+    let mut trainer = LoraTrainer::new(TrainConfig::default(), 0);
+    let (model, _) = trainer.train_round(model, &data, 3, &mut ChaCha8Rng::seed_from_u64(21));
+    assert_ne!(adapter_weights(&model, dropped.scaling).unwrap(), first);
+}

@@ -66,15 +66,11 @@ fn population(fleet: &FleetConfig) -> Population {
     population
 }
 
-/// LoRA at one rank (robust rules compare updates coordinate by coordinate), without dropout:
-/// its masks come from the backend's generator, not the plan's seed, and would make two runs
-/// differ.
+/// LoRA at one rank (robust rules compare updates coordinate by coordinate), with the default
+/// dropout: its masks follow from the plan's seed, so the determinism check covers them too.
 fn lora() -> AlgorithmConfig {
     AlgorithmConfig::Lora {
-        lora: LoraConfig {
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
+        lora: LoraConfig::default(),
         ranks: vec![4],
         train: TrainConfig {
             lr: 1e-2,

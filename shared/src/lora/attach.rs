@@ -101,7 +101,21 @@ pub fn attach_fresh(model: Llama, config: &LoraConfig, seed: u64) -> Llama {
             ));
         }
     }
+    reseed_dropout(&model, seed);
     model
+}
+
+/// Restarts every adapter's dropout stream from `seed`, each adapter on its own stream: a
+/// trainer calls this with its round's seed so the round's masks follow from the plan.
+pub fn reseed_dropout(model: &Llama, seed: u64) {
+    for (i, decoder) in model.layers.iter().enumerate() {
+        for (t, &target) in TargetModule::ALL.iter().enumerate() {
+            if let Some(adapter) = &projection(decoder, target).adapter {
+                let stream = (i * TargetModule::ALL.len() + t) as u64;
+                adapter.dropout.reseed(seed, stream);
+            }
+        }
+    }
 }
 
 /// Freezes `model` and installs `weights` as its adapters (removing any others): how a client

@@ -3,11 +3,11 @@
 //! forward, a full weight's worth of memory and time for a rank-8 update).
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::Rng;
 
 use super::adapter::LoraFactors;
+use super::dropout::SeededDropout;
 
 /// The trainable factors of one adapted projection.
 ///
@@ -22,8 +22,9 @@ pub struct LoraLayer {
     pub b: Param<Tensor<2>>,
     /// `s` in `ΔW = s · A B`.
     pub scale: f32,
-    /// Dropout on the adapter's input (PEFT's `lora_dropout`); active only while training.
-    pub dropout: Dropout,
+    /// Dropout on the adapter's input (PEFT's `lora_dropout`); active only while training. Its
+    /// stream starts at seed 0 until [`super::attach::reseed_dropout`] gives it the round's.
+    pub dropout: SeededDropout,
 }
 
 impl LoraLayer {
@@ -48,7 +49,7 @@ impl LoraLayer {
             a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, rank]), device)),
             b: Param::from_tensor(Tensor::zeros([rank, d_out], device)),
             scale,
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout: SeededDropout::new(dropout, 0, 0),
         }
     }
 
@@ -61,7 +62,7 @@ impl LoraLayer {
             a: Param::from_tensor(a.transpose()),
             b: Param::from_tensor(b.transpose()),
             scale,
-            dropout: DropoutConfig::new(dropout).init(),
+            dropout: SeededDropout::new(dropout, 0, 0),
         }
     }
 

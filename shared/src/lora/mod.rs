@@ -2,7 +2,7 @@
 //! rank, aggregated on the server across ranks, and exchanged as Hugging Face PEFT folders.
 //!
 //! - [`adapter`]: adapters as plain numbers (wire, server, files);
-//! - [`layer`]: the trainable adapter on one projection (burn);
+//! - [`layer`]: the trainable adapter on one projection (burn), with [`dropout`] on its input;
 //! - [`config`], [`attach`]: which projections get adapters, putting them on a model;
 //! - [`train`]: the client's local training loop;
 //! - [`aggregation`]: FedAvg, HetLoRA and FlexLoRA on the server;
@@ -12,6 +12,7 @@ pub mod adapter;
 pub mod aggregation;
 pub mod attach;
 pub mod config;
+pub mod dropout;
 pub mod federation;
 pub mod layer;
 pub mod peft;

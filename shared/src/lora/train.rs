@@ -215,6 +215,9 @@ impl LoraTrainer {
         rng: &mut impl Rng,
     ) -> (Llama, RoundReport) {
         assert!(!data.is_empty(), "a round needs training data");
+        // The round's dropout masks come from the same generator as its batches, so a round is
+        // reproducible from the seed it was planned with.
+        super::attach::reseed_dropout(&model, rng.next_u64());
         peak_memory::reset_peak_rss();
         let start = Instant::now();
         let mut losses = Vec::with_capacity(steps);

@@ -29,7 +29,7 @@ use super::schedule::{ImportanceKind, PruneSchedule, cubic_ratio, pruning_points
 use super::structural::prune_model;
 use super::units::{LayerShape, prunable_params};
 use crate::lora::aggregation::masked::{MaskedError, restrict_adapter};
-use crate::lora::attach::{AttachError, adapter_weights, attach_weights, detach};
+use crate::lora::attach::{AttachError, adapter_weights, attach_weights, detach, reseed_dropout};
 use crate::lora::config::LoraConfig;
 use crate::lora::train::{LoraTrainer, RoundReport, TrainConfig, TrainExample};
 use crate::model::Llama;
@@ -143,6 +143,8 @@ pub fn prune_and_tune(
     };
     let mut importance = LoraImportance::new(&model, DEFAULT_EMA);
     let mut trainer = LoraTrainer::new(train.clone(), first_step);
+    // Dropout masks from the round's generator, as in `LoraTrainer::train_round`.
+    reseed_dropout(&model, rng.next_u64());
     let mut losses = Vec::with_capacity(local_steps);
     let mut samples = 0u64;
     let mut param_steps = 0u64;
@@ -196,6 +198,7 @@ pub fn prune_and_tune(
                 }
             };
             model = prune_with_adapters(model, &plan, lora)?;
+            reseed_dropout(&model, rng.next_u64());
             importance.restrict(&plan.keep);
             kept = compose(&kept, &plan.keep);
             trainer = LoraTrainer::new(train.clone(), trainer.next_step());
