@@ -204,6 +204,7 @@ pub mod network {
         data: &std::collections::BTreeMap<fedtune_shared::protocol::DeviceId, Vec<Vec<u32>>>,
         rounds: u64,
     ) -> (fedtune_shared::zo::round::ZoServer, Llama) {
+        use fedtune_shared::progress::Silent;
         use fedtune_shared::zo::federation::local_round;
         use fedtune_shared::zo::round::{ZoServer, replay};
         use fedtune_shared::zo::seed_pool::SeedPool;
@@ -222,7 +223,17 @@ pub mod network {
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
                         fedtune_server::daemon::local_seed(seed, round, *id),
                     );
-                    local_round(&global, &plan, &pool, sequences, 1, 0, &mut rng).0
+                    local_round(
+                        &global,
+                        &plan,
+                        &pool,
+                        sequences,
+                        1,
+                        0,
+                        &mut rng,
+                        &mut Silent,
+                    )
+                    .0
                 })
                 .collect();
             let (delta, rejected) = server.aggregate(&reports);

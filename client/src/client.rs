@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedtune_shared::model::Llama;
+use fedtune_shared::progress::StepProgress;
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::{
     Capabilities, DeviceId, Digest, EnrollRequest, ErrorCode, Plan, PollRequest, PublicKey, Report,
@@ -212,6 +213,19 @@ impl Client {
         self.config.listener.on_event(event);
     }
 
+    /// Turns a round's finished local steps into [`Event::Training`] on the training thread.
+    fn progress(&self, round: u64) -> impl FnMut(StepProgress) + Send + 'static {
+        let listener = Arc::clone(&self.config.listener);
+        move |p: StepProgress| {
+            listener.on_event(Event::Training {
+                round,
+                step: p.step,
+                steps: p.steps,
+                loss: p.loss,
+            });
+        }
+    }
+
     async fn connect(&self) -> Result<Connection, TransportError> {
         Connection::open(self.config.server.address, &self.cert_der).await
     }
@@ -401,8 +415,9 @@ impl Client {
         let mut model = self.model.clone();
         let data = self.data.clone();
         let local_seed = plan.local_seed;
+        let mut progress = self.progress(plan.round);
         let (model, result) = tokio::task::spawn_blocking(move || {
-            let result = model.train(&zo_plan, batch_size, local_seed, &data);
+            let result = model.train(&zo_plan, batch_size, local_seed, &data, &mut progress);
             (model, result.map(|r| (r, zo_plan.config)))
         })
         .await
@@ -444,8 +459,9 @@ impl Client {
         let local_seed = plan.local_seed;
         let train_task = task.clone();
         let sent = global.clone();
+        let mut progress = self.progress(plan.round);
         let (weights, stats) = tokio::task::spawn_blocking(move || {
-            train_lora(&base, &train_task, &sent, &data, local_seed)
+            train_lora(&base, &train_task, &sent, &data, local_seed, &mut progress)
         })
         .await
         .map_err(|e| TransportError::Unexpected(format!("training thread failed: {e}")))??;
@@ -474,8 +490,16 @@ impl Client {
         let data = self.data.clone();
         let local_seed = plan.local_seed;
         let train_task = task.clone();
+        let mut progress = self.progress(plan.round);
         let outcome = tokio::task::spawn_blocking(move || {
-            train_fedspine(&base, &train_task, &global, &data, local_seed)
+            train_fedspine(
+                &base,
+                &train_task,
+                &global,
+                &data,
+                local_seed,
+                &mut progress,
+            )
         })
         .await
         .map_err(|e| TransportError::Unexpected(format!("training thread failed: {e}")))??;

@@ -29,6 +29,8 @@ pub enum Event {
         step: usize,
         /// Steps planned.
         steps: usize,
+        /// The step's training loss (`None` for a step skipped on a non-finite loss).
+        loss: Option<f32>,
     },
     /// A round's report is written to disk and about to be sent.
     ReportReady {

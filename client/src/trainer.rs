@@ -8,6 +8,7 @@ use fedtune_shared::lora::attach::{adapter_weights, attach_weights};
 use fedtune_shared::lora::federation::heldout_loss;
 use fedtune_shared::lora::train::{LoraTrainer, TrainExample};
 use fedtune_shared::model::Llama;
+use fedtune_shared::progress::Progress;
 use fedtune_shared::protocol::LocalStats;
 use fedtune_shared::protocol::{FedSpineTask, LoraTask};
 use fedtune_shared::prune::kept::KeptUnits;
@@ -144,6 +145,7 @@ impl FedKSeedModel {
         batch_size: usize,
         local_seed: u64,
         data: &TrainingData,
+        progress: &mut impl Progress,
     ) -> Result<(Vec<HistoryDelta>, ClientReport, LocalStats), TrainError> {
         if data.sequences.is_empty() {
             return Err(TrainError::NoData);
@@ -170,6 +172,7 @@ impl FedKSeedModel {
             batch_size,
             data.pad_id,
             &mut rng,
+            progress,
         );
         let stats = LocalStats {
             samples: report.samples,
@@ -211,13 +214,15 @@ pub fn train_lora(
     global: &AdapterWeights,
     data: &TrainingData,
     local_seed: u64,
+    progress: &mut impl Progress,
 ) -> Result<(AdapterWeights, LocalStats), TrainError> {
     let (examples, model, loss_before) = start_lora_round(base, task, global, data)?;
     let pad_id = task.train.pad_id;
     let probe = &examples[..examples.len().min(PROBE_EXAMPLES)];
     let mut trainer = LoraTrainer::new(task.train.clone(), task.first_step);
     let mut rng = ChaCha8Rng::seed_from_u64(local_seed);
-    let (trained, report) = trainer.train_round(model, &examples, task.local_steps, &mut rng);
+    let (trained, report) =
+        trainer.train_round(model, &examples, task.local_steps, &mut rng, progress);
     let loss_after = heldout_loss(&trained.valid(), probe, pad_id);
     let weights = adapter_weights(&trained, task.lora.scaling)
         .ok_or_else(|| TrainError::Adapter("training lost the adapters".into()))?;
@@ -288,6 +293,7 @@ pub fn train_fedspine(
     global: &AdapterWeights,
     data: &TrainingData,
     local_seed: u64,
+    progress: &mut impl Progress,
 ) -> Result<FedSpineOutcome, TrainError> {
     let lora = &task.lora;
     let (examples, model, loss_before) = start_lora_round(base, lora, global, data)?;
@@ -298,8 +304,15 @@ pub fn train_fedspine(
         first_step: lora.first_step,
         local_steps: lora.local_steps,
     };
-    let round = prune_and_tune(model, &tuning, &task.schedule, &examples, &mut rng)
-        .map_err(|e| TrainError::Prune(e.to_string()))?;
+    let round = prune_and_tune(
+        model,
+        &tuning,
+        &task.schedule,
+        &examples,
+        &mut rng,
+        progress,
+    )
+    .map_err(|e| TrainError::Prune(e.to_string()))?;
     let adapter = adapter_weights(&round.model, lora.lora.scaling)
         .ok_or_else(|| TrainError::Adapter("training lost the adapters".into()))?;
     // Progress is measured on the full model with the device's coordinates written into the

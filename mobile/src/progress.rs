@@ -82,7 +82,9 @@ impl ProgressEvent {
             Event::Connected => Self::Connected,
             Event::Waiting { reason } => Self::Waiting { reason },
             Event::PlanReceived { round } => Self::PlanReceived { round },
-            Event::Training { round, step, steps } => Self::Training {
+            Event::Training {
+                round, step, steps, ..
+            } => Self::Training {
                 round,
                 step: step as u64,
                 steps: steps as u64,

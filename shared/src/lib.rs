@@ -18,6 +18,7 @@ pub mod noise;
 pub mod peak_memory;
 pub mod pretrained;
 pub mod privacy;
+pub mod progress;
 pub mod protocol;
 pub mod prune;
 pub mod robust;

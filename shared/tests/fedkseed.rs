@@ -5,6 +5,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
 use fedtune_shared::checkpoint::MemorySource;
 use fedtune_shared::model::{Llama, LlamaConfig};
+use fedtune_shared::progress::Silent;
 use fedtune_shared::zo::federation::{FederationConfig, heldout_loss, local_round, run_federation};
 use fedtune_shared::zo::round::{ZoRunConfig, ZoServer, replay};
 use fedtune_shared::zo::seed_pool::SeedPool;
@@ -68,7 +69,8 @@ fn replay_gives_every_client_the_servers_weights_bit_for_bit() {
             for delta in &plan.catch_up {
                 models[c] = replay(models[c].clone(), &plan.config, &pool, delta);
             }
-            let (report, _) = local_round(&models[c], &plan, &pool, &data, 2, 0, &mut rng);
+            let (report, _) =
+                local_round(&models[c], &plan, &pool, &data, 2, 0, &mut rng, &mut Silent);
             reports.push(report);
             last_seen[c] = plan.base_round();
         }

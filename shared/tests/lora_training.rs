@@ -11,6 +11,7 @@ use fedtune_shared::lora::attach::{adapter_weights, attach_fresh, attach_weights
 use fedtune_shared::lora::train::{LoraTrainer, TrainConfig, TrainExample, response_loss};
 use fedtune_shared::lora::{LoraConfig, LoraScaling, TargetModule};
 use fedtune_shared::model::{Llama, LlamaConfig, TokenBatch};
+use fedtune_shared::progress::{Silent, StepProgress};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -237,7 +238,7 @@ fn training_lowers_the_loss_and_leaves_the_base_untouched() {
     let mut trainer = LoraTrainer::new(train, 0);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let report;
-    (model, report) = trainer.train_round(model, &data, 40, &mut rng);
+    (model, report) = trainer.train_round(model, &data, 40, &mut rng, &mut Silent);
     let after = loss_of(&model);
     eprintln!("loss {before:.4} -> {after:.4}; report {report:?}");
     assert_eq!(report.steps, 40);
@@ -274,7 +275,10 @@ fn a_round_with_dropout_is_a_function_of_its_seed() {
         let model = attach_fresh(base.clone(), &dropped, 3);
         let mut trainer = LoraTrainer::new(TrainConfig::default(), 0);
         let mut rng = ChaCha8Rng::seed_from_u64(round_seed);
-        let (model, report) = trainer.train_round(model, &data, 3, &mut rng);
+        let mut done = Vec::new();
+        let mut progress = |p: StepProgress| done.push((p.step, p.steps, p.loss.is_some()));
+        let (model, report) = trainer.train_round(model, &data, 3, &mut rng, &mut progress);
+        assert_eq!(done, vec![(1, 3, true), (2, 3, true), (3, 3, true)]);
         let weights = adapter_weights(&model, dropped.scaling).unwrap();
         (weights, report.mean_loss)
     };
@@ -288,6 +292,12 @@ fn a_round_with_dropout_is_a_function_of_its_seed() {
     assert_ne!(first, other);
     let model = attach_fresh(base.clone(), &config(4), 3);
     let mut trainer = LoraTrainer::new(TrainConfig::default(), 0);
-    let (model, _) = trainer.train_round(model, &data, 3, &mut ChaCha8Rng::seed_from_u64(21));
+    let (model, _) = trainer.train_round(
+        model,
+        &data,
+        3,
+        &mut ChaCha8Rng::seed_from_u64(21),
+        &mut Silent,
+    );
     assert_ne!(adapter_weights(&model, dropped.scaling).unwrap(), first);
 }

@@ -11,6 +11,7 @@ use fedtune_shared::lora::attach::{adapter_weights, attach_fresh, projection};
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::{LoraTrainer, TrainConfig, TrainExample};
 use fedtune_shared::model::Llama;
+use fedtune_shared::progress::Silent;
 use fedtune_shared::prune::lora_importance::layer_importance;
 use fedtune_shared::prune::prune_tune::{LocalTuning, PruneTuneRound, prune_and_tune};
 use fedtune_shared::prune::schedule::{ImportanceKind, PruneSchedule};
@@ -157,7 +158,15 @@ fn round(seed: u64, schedule: &PruneSchedule) -> PruneTuneRound {
         first_step: 0,
         local_steps: 8,
     };
-    prune_and_tune(adapted(7), &tuning, schedule, &data(), &mut rng).expect("prune and tune")
+    prune_and_tune(
+        adapted(7),
+        &tuning,
+        schedule,
+        &data(),
+        &mut rng,
+        &mut Silent,
+    )
+    .expect("prune and tune")
 }
 
 #[test]

@@ -11,6 +11,7 @@ use fedtune_shared::lora::federation::heldout_loss;
 use fedtune_shared::lora::train::{LoraTrainer, TrainConfig, TrainExample};
 use fedtune_shared::lora::{LoraConfig, LoraScaling, TargetModule};
 use fedtune_shared::model::{Llama, LlamaConfig};
+use fedtune_shared::progress::Silent;
 use fedtune_shared::robust::RobustRule;
 use fedtune_shared::robust::flat::{adapter_delta, apply_adapter_delta};
 use rand::SeedableRng;
@@ -69,7 +70,7 @@ fn run(rule: RobustRule) -> Vec<f32> {
         for (c, client_data) in data.iter().enumerate() {
             let model = attach_weights(base.clone(), &global, 0.0).expect("attach");
             let mut trainer = LoraTrainer::new(train.clone(), round * 3);
-            let (trained, _) = trainer.train_round(model, client_data, 3, &mut rng);
+            let (trained, _) = trainer.train_round(model, client_data, 3, &mut rng, &mut Silent);
             let local = adapter_weights(&trained, lora.scaling).expect("trained adapter");
             let mut delta = adapter_delta(&global, &local).expect("same shapes");
             if c < ATTACKERS {

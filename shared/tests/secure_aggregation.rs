@@ -9,6 +9,7 @@ use fedtune_shared::privacy::secagg::{
     ClientId, SecAggClient, SecAggConfig, SecAggError, SecAggServer,
 };
 use fedtune_shared::privacy::secure_sum::{Dropouts, run_secure_sum};
+use fedtune_shared::progress::Silent;
 use fedtune_shared::robust::flat::dense_seed_grads;
 use fedtune_shared::zo::round::{ClientReport, ZoRunConfig, ZoServer};
 use rand::{Rng, SeedableRng};
@@ -303,7 +304,8 @@ fn lora_run_with_secure_aggregation_reaches_the_same_adapter() {
             for client_data in &data {
                 let model = attach_weights(base.clone(), &global, 0.0).expect("attach");
                 let mut trainer = LoraTrainer::new(train.clone(), 0);
-                let (trained, _) = trainer.train_round(model, client_data, 2, &mut rng);
+                let (trained, _) =
+                    trainer.train_round(model, client_data, 2, &mut rng, &mut Silent);
                 let local = adapter_weights(&trained, lora.scaling).expect("adapter");
                 deltas.push(adapter_delta(&global, &local).expect("shapes"));
             }

@@ -9,6 +9,7 @@ use fedtune_server::blobs::{BlobError, Blobs};
 use fedtune_shared::lora::adapter::AdapterWeights;
 use fedtune_shared::lora::aggregation::masked::restrict_adapter;
 use fedtune_shared::model::Llama;
+use fedtune_shared::progress::Silent;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::{BlobRef, LocalStats, ReportPayload, Task};
 use fedtune_shared::prune::units::LayerShape;
@@ -95,7 +96,8 @@ fn run(
             // Tensors are shared until written: the clone costs nothing until the steps perturb
             // it, and the catch-up inside `train` skips the rounds the shared model holds.
             let mut model = shared.clone();
-            let (_, mut report, stats) = model.train(plan, *batch_size, local_seed, data)?;
+            let (_, mut report, stats) =
+                model.train(plan, *batch_size, local_seed, data, &mut Silent)?;
             behaviour.tamper_seed_grads(&mut report, attack_seed);
             Ok(LocalResult {
                 payload: ReportPayload::FedKSeed(report),
@@ -108,7 +110,8 @@ fn run(
         }
         Task::Lora(lora) => {
             let (global, down) = download(blobs, lora.adapter)?;
-            let (weights, stats) = train_lora(models.base, lora, &global, data, local_seed)?;
+            let (weights, stats) =
+                train_lora(models.base, lora, &global, data, local_seed, &mut Silent)?;
             let weights = behaviour.tamper_adapter(&global, weights, attack_seed)?;
             let (uploaded, up) = upload(blobs, &weights)?;
             Ok(LocalResult {
@@ -125,7 +128,8 @@ fn run(
         }
         Task::FedSpine(spine) => {
             let (global, down) = download(blobs, spine.lora.adapter)?;
-            let mut outcome = train_fedspine(models.base, spine, &global, data, local_seed)?;
+            let mut outcome =
+                train_fedspine(models.base, spine, &global, data, local_seed, &mut Silent)?;
             if behaviour.is_attack() {
                 // The device's adapter lives in its kept coordinates: its update is measured
                 // from the same coordinates of the global adapter it received.

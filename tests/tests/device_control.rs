@@ -93,6 +93,37 @@ async fn policy_pause_resume_and_stop() {
         &mut seen,
     )
     .await;
+    // Every local step of round 1 was reported, in order, with its loss, before the report.
+    let steps: Vec<(usize, usize, Option<f32>)> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Training {
+                round: 1,
+                step,
+                steps,
+                loss,
+            } => Some((*step, *steps, *loss)),
+            _ => None,
+        })
+        .collect();
+    let planned = steps.first().map(|s| s.1).expect("no training progress");
+    assert!(planned > 0);
+    assert_eq!(
+        steps.iter().map(|s| s.0).collect::<Vec<_>>(),
+        (1..=planned).collect::<Vec<_>>(),
+        "{steps:?}"
+    );
+    assert!(
+        steps
+            .iter()
+            .all(|s| s.1 == planned && s.2.is_some_and(f32::is_finite))
+    );
+    let position = |want: &dyn Fn(&Event) -> bool| seen.iter().position(|e| want(e));
+    assert!(
+        position(&|e| matches!(e, Event::Training { round: 1, .. }))
+            < position(&|e| matches!(e, Event::ReportReady { round: 1 })),
+        "progress comes before the report"
+    );
 
     // Paused: no new round starts until resumed.
     handle.pause();

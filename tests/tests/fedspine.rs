@@ -32,6 +32,7 @@ use fedtune_shared::lora::attach::{adapter_weights, attach_fresh};
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::{TrainConfig, TrainExample};
 use fedtune_shared::model::{Llama, LlamaConfig};
+use fedtune_shared::progress::Silent;
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::{DeviceId, Report, ReportPayload, Task};
 use fedtune_shared::prune::schedule::{ImportanceKind, PruneSchedule};
@@ -152,8 +153,15 @@ fn run(base: &Llama, devices: &[SimDevice], settings: FedSpineSettings, rounds: 
             };
             let sent = task.lora.adapter.expect("adapter blob");
             let global = decode_adapter(&blobs.read(&sent.digest).expect("read")).expect("decode");
-            let outcome = train_fedspine(base, &task, &global, &device.data, round * 97 + i as u64)
-                .expect("train");
+            let outcome = train_fedspine(
+                base,
+                &task,
+                &global,
+                &device.data,
+                round * 97 + i as u64,
+                &mut Silent,
+            )
+            .expect("train");
             assert!(
                 (outcome.removed_ratio - task.schedule.target).abs() < 0.05,
                 "pruned {} toward {}",

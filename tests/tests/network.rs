@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use fedtune_client::{ClientError, Outcome};
 use fedtune_server::daemon::local_seed;
 use fedtune_server::registry::Registry;
+use fedtune_shared::progress::Silent;
 use fedtune_shared::protocol::frame::decode_body;
 use fedtune_shared::protocol::{DeviceId, ErrorCode};
 use fedtune_shared::zo::round::{ZoServer, replay};
@@ -327,7 +328,8 @@ async fn lora_over_quic_equals_the_in_process_loop() {
                 data[id].iter().cloned().map(TrainExample::text).collect();
             let mut trainer = LoraTrainer::new(train.clone(), steps.get(id).copied().unwrap_or(0));
             let mut rng = ChaCha8Rng::seed_from_u64(local_seed(seed, round, *id));
-            let (trained, outcome) = trainer.train_round(model, &examples, local_steps, &mut rng);
+            let (trained, outcome) =
+                trainer.train_round(model, &examples, local_steps, &mut rng, &mut Silent);
             *steps.entry(*id).or_default() += local_steps;
             assert_eq!(
                 outcome.mean_loss.to_bits(),

@@ -101,13 +101,31 @@ pub fn attach_fresh(model: Llama, config: &LoraConfig, seed: u64) -> Llama {
             ));
         }
     }
-    reseed_dropout(&model, seed);
+    seed_dropout(&model, seed);
     model
 }
 
-/// Restarts every adapter's dropout stream from `seed`, each adapter on its own stream: a
-/// trainer calls this with its round's seed so the round's masks follow from the plan.
-pub fn reseed_dropout(model: &Llama, seed: u64) {
+/// Restarts every adapter's dropout stream from a seed drawn from `rng`, each adapter on its own
+/// stream: a trainer passes its round's generator so the round's masks follow from the plan.
+///
+/// Draws nothing when no adapter has dropout, so a run without dropout samples its batches as
+/// it did before masks were seeded.
+pub fn reseed_dropout(model: &Llama, rng: &mut impl rand::RngCore) {
+    let adapters = || {
+        model.layers.iter().flat_map(|decoder| {
+            TargetModule::ALL
+                .iter()
+                .filter_map(move |&t| projection(decoder, t).adapter.as_ref())
+        })
+    };
+    if adapters().all(|a| a.dropout.prob == 0.0) {
+        return;
+    }
+    seed_dropout(model, rng.next_u64());
+}
+
+/// Restarts every adapter's dropout stream from `seed`, each adapter on its own stream.
+pub fn seed_dropout(model: &Llama, seed: u64) {
     for (i, decoder) in model.layers.iter().enumerate() {
         for (t, &target) in TargetModule::ALL.iter().enumerate() {
             if let Some(adapter) = &projection(decoder, target).adapter {

@@ -20,6 +20,7 @@ use super::train::{LoraTrainer, TrainConfig, TrainExample, response_loss};
 use crate::bandit::reward::{RewardModel, RoundObservation, ThroughputReward, median_round_time_s};
 use crate::bandit::{Arm, BanditError, BanditPolicy, DeviceBandit};
 use crate::model::Llama;
+use crate::progress::Silent;
 use crate::zo::round::wire_size;
 
 /// One client of an in-process run.
@@ -178,8 +179,13 @@ pub fn run_lora_federation(
             let loss_before = heldout_loss(&model.valid(), probe, pad_id);
             let mut trainer = LoraTrainer::new(config.train.clone(), client_steps[c]);
             let mut client_rng = ChaCha8Rng::seed_from_u64(config.seed ^ (round << 20) ^ c as u64);
-            let (trained, report) =
-                trainer.train_round(model, &clients[c].data, config.local_steps, &mut client_rng);
+            let (trained, report) = trainer.train_round(
+                model,
+                &clients[c].data,
+                config.local_steps,
+                &mut client_rng,
+                &mut Silent,
+            );
             client_steps[c] = trainer.next_step();
             let loss_after = heldout_loss(&trained.valid(), probe, pad_id);
             let weights = adapter_weights(&trained, lora.scaling)

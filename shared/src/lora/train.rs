@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::eval::next_token_nll;
 use crate::model::{Llama, TokenBatch};
 use crate::peak_memory;
+use crate::progress::{Progress, StepProgress};
 
 /// One training sequence: the loss covers `ids[t]` for `t ≥ prompt_len` (never `t = 0`, which
 /// nothing predicts). `prompt_len = 0` trains on the whole text; for instruction data it is the
@@ -213,16 +214,17 @@ impl LoraTrainer {
         data: &[TrainExample],
         steps: usize,
         rng: &mut impl Rng,
+        progress: &mut impl Progress,
     ) -> (Llama, RoundReport) {
         assert!(!data.is_empty(), "a round needs training data");
         // The round's dropout masks come from the same generator as its batches, so a round is
         // reproducible from the seed it was planned with.
-        super::attach::reseed_dropout(&model, rng.next_u64());
+        super::attach::reseed_dropout(&model, rng);
         peak_memory::reset_peak_rss();
         let start = Instant::now();
         let mut losses = Vec::with_capacity(steps);
         let mut samples = 0u64;
-        for _ in 0..steps {
+        for done in 1..=steps {
             let batch: Vec<TrainExample> = (0..self.config.batch_size.max(1))
                 .map(|_| data[rng.random_range(0..data.len())].clone())
                 .collect();
@@ -232,6 +234,11 @@ impl LoraTrainer {
                 losses.push(loss);
                 samples += batch.len() as u64;
             }
+            progress.step_done(StepProgress {
+                step: done,
+                steps,
+                loss,
+            });
         }
         let report = RoundReport {
             first_loss: losses.first().copied().unwrap_or(f32::NAN),

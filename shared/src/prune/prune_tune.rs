@@ -34,6 +34,7 @@ use crate::lora::config::LoraConfig;
 use crate::lora::train::{LoraTrainer, RoundReport, TrainConfig, TrainExample};
 use crate::model::Llama;
 use crate::peak_memory;
+use crate::progress::{Progress, StepProgress};
 
 /// Calibration sequences a FLAP-scored pruning step takes from the client's data.
 pub const FLAP_CALIBRATION_SEQUENCES: usize = 32;
@@ -108,6 +109,7 @@ pub fn prune_and_tune(
     schedule: &PruneSchedule,
     data: &[TrainExample],
     rng: &mut impl Rng,
+    progress: &mut impl Progress,
 ) -> Result<PruneTuneRound, PruneTuneError> {
     let LocalTuning {
         lora,
@@ -144,7 +146,7 @@ pub fn prune_and_tune(
     let mut importance = LoraImportance::new(&model, DEFAULT_EMA);
     let mut trainer = LoraTrainer::new(train.clone(), first_step);
     // Dropout masks from the round's generator, as in `LoraTrainer::train_round`.
-    reseed_dropout(&model, rng.next_u64());
+    reseed_dropout(&model, rng);
     let mut losses = Vec::with_capacity(local_steps);
     let mut samples = 0u64;
     let mut param_steps = 0u64;
@@ -165,6 +167,11 @@ pub fn prune_and_tune(
                 losses.push(loss);
                 samples += batch.len() as u64;
             }
+            progress.step_done(StepProgress {
+                step: t,
+                steps: local_steps,
+                loss,
+            });
         }
         if points.get(point) == Some(&t) {
             point += 1;
@@ -198,7 +205,7 @@ pub fn prune_and_tune(
                 }
             };
             model = prune_with_adapters(model, &plan, lora)?;
-            reseed_dropout(&model, rng.next_u64());
+            reseed_dropout(&model, rng);
             importance.restrict(&plan.keep);
             kept = compose(&kept, &plan.keep);
             trainer = LoraTrainer::new(train.clone(), trainer.next_step());

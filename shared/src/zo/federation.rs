@@ -15,6 +15,7 @@ use super::step::{ZoStepConfig, ZoSteps};
 use crate::eval::batch_loss;
 use crate::model::{Llama, TokenBatch};
 use crate::noise::SeedNoise;
+use crate::progress::{Progress, Silent, StepProgress};
 
 /// Settings of an in-process run.
 #[derive(Debug, Clone)]
@@ -60,6 +61,7 @@ pub fn local_round(
     batch_size: usize,
     pad_id: u32,
     rng: &mut impl Rng,
+    progress: &mut impl Progress,
 ) -> (ClientReport, f32) {
     let config = &plan.config;
     let device: Device = model.device();
@@ -72,7 +74,7 @@ pub fn local_round(
     let mut step_grads = Vec::new();
     let mut losses = Vec::new();
     let mut samples = 0u64;
-    for _ in 0..config.tau {
+    for done in 1..=config.tau as usize {
         let rows: Vec<Vec<u32>> = (0..batch_size.max(1))
             .map(|_| data[rng.random_range(0..data.len())].clone())
             .collect();
@@ -91,6 +93,11 @@ pub fn local_round(
             }
             losses.push(outcome.loss);
         }
+        progress.step_done(StepProgress {
+            step: done,
+            steps: config.tau as usize,
+            loss: outcome.g.map(|_| outcome.loss),
+        });
     }
     let report = ClientReport {
         round: plan.round,
@@ -159,6 +166,7 @@ pub fn run_federation(
                 config.batch_size,
                 config.pad_id,
                 &mut client_rng,
+                &mut Silent,
             );
             losses += loss;
             reports.push(report);
