@@ -23,13 +23,13 @@ pub struct ServerArgs {
 /// Operator actions besides serving.
 #[derive(Debug, Subcommand)]
 pub enum ServerCommand {
-    /// Issue an enrollment token and print it (with the daemon stopped).
+    /// Issue an enrollment token and print it (through the running daemon, or with it stopped).
     Token {
         /// Devices it may enroll.
         #[arg(long, default_value_t = 1)]
         uses: u32,
     },
-    /// Revoke a device by its id (with the daemon stopped).
+    /// Revoke a device by its id (at once when the daemon runs).
     Revoke {
         /// The device id (32 hex digits, as the daemon logs it).
         device: String,
@@ -43,8 +43,7 @@ pub enum CommandError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The daemon failed (for token and revoke: is it still running? the store admits one
-    /// process).
+    /// The daemon failed, or refused a token or revoke command.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     /// The async runtime could not start.

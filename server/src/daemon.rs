@@ -68,6 +68,9 @@ pub enum DaemonError {
     /// The stored run was made with another algorithm or model.
     #[error("the state folder holds a run of another configuration: {0}")]
     Mismatch(String),
+    /// The operator's control socket failed, or the daemon refused a command sent to it.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// What a connection has established.

@@ -1,7 +1,7 @@
 //! fedtune's aggregation daemon: round orchestration over QUIC, device enrollment and
 //! authentication, validation of every report, durable state, metrics.
 //!
-//! - [`config`] — `server.toml`;
+//! - [`config`] — `server.toml`; [`admin`] — the operator's control socket;
 //! - [`rounds`] — the orchestrator, a state machine without I/O;
 //! - [`secure`] — one round's SecAgg+ session (phases, deadlines, cost), without I/O;
 //! - [`algorithm`] — what each algorithm does on the server (plans, validation, aggregation);
@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod algorithm;
 pub mod blobs;
 pub mod command;
@@ -55,7 +56,34 @@ pub async fn run(config: ServerConfig) -> Result<(), DaemonError> {
         tracing::info!(%bound, "metrics endpoint");
     }
     tracing::info!(%bound, identity = %identity_path.display(), "serving");
-    listener.serve(shutdown_signal()).await;
+    serve_with_admin(listener, core, shutdown_signal()).await
+}
+
+/// Serves devices and the operator's control socket until `shutdown`, then waits for both.
+async fn serve_with_admin(
+    listener: transport::Listener,
+    core: Arc<Core>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    #[cfg(unix)]
+    {
+        let admin = admin::AdminSocket::bind(core)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let devices = listener.serve(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let mut stopped = stopped;
+        let operator = admin.serve(async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        });
+        tokio::join!(devices, operator);
+    }
+    #[cfg(not(unix))]
+    {
+        drop(core);
+        listener.serve(shutdown).await;
+    }
     Ok(())
 }
 
@@ -73,23 +101,51 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Issues an enrollment token good for `uses` devices and returns it. The daemon must be stopped
-/// (the store admits one process).
+/// Issues an enrollment token good for `uses` devices and returns it: through the running
+/// daemon's control socket, or in the store directly when no daemon serves `config`'s state.
 pub fn issue_token(config: &ServerConfig, uses: u32) -> Result<String, DaemonError> {
-    let store = store::Store::open(&config.state_dir.join("store"))?;
-    let token = fedtune_shared::protocol::auth::hex_encode(&rand::random::<[u8; 16]>());
-    registry::Registry::new(&store).add_token(&token, uses)?;
-    Ok(token)
+    match administer(config, &admin::AdminRequest::IssueToken { uses })? {
+        admin::AdminResponse::Token { token } => Ok(token),
+        other => Err(unexpected(other)),
+    }
 }
 
-/// Revokes a device. The daemon must be stopped (the store admits one process).
+/// Revokes a device, at once for a running daemon (its next request is refused); see
+/// [`issue_token`] for how the daemon is reached.
 pub fn revoke(
     config: &ServerConfig,
     device: fedtune_shared::protocol::DeviceId,
 ) -> Result<(), DaemonError> {
-    let store = store::Store::open(&config.state_dir.join("store"))?;
-    registry::Registry::new(&store).revoke(device)?;
-    Ok(())
+    let request = admin::AdminRequest::Revoke {
+        device: device.to_string(),
+    };
+    match administer(config, &request)? {
+        admin::AdminResponse::Revoked { .. } => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Sends `request` to the daemon serving `config`'s state, or carries it out on the store when
+/// none does.
+fn administer(
+    config: &ServerConfig,
+    request: &admin::AdminRequest,
+) -> Result<admin::AdminResponse, DaemonError> {
+    let response = match admin::request(&config.state_dir, request)? {
+        Some(response) => response,
+        None => {
+            let store = store::Store::open(&config.state_dir.join("store"))?;
+            admin::execute(&registry::Registry::new(&store), request)
+        }
+    };
+    match response {
+        admin::AdminResponse::Refused { reason } => Err(admin::AdminError::Refused(reason).into()),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(response: admin::AdminResponse) -> DaemonError {
+    admin::AdminError::Malformed(format!("unexpected answer {response:?}")).into()
 }
 
 async fn shutdown_signal() {

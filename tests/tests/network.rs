@@ -360,3 +360,106 @@ async fn lora_over_quic_equals_the_in_process_loop() {
         "training changed nothing"
     );
 }
+
+/// The operator's control socket while the daemon serves: a token issued through it enrolls a
+/// device, a revocation through it refuses that device's next request, bad requests are refused
+/// without stopping the socket, and once the daemon stops the commands use the store.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_issues_tokens_and_revokes_devices_while_the_daemon_serves() {
+    use std::io::{BufRead, BufReader, Write};
+
+    use fedtune_server::admin::{AdminSocket, socket_path};
+
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model_folder(dir.path(), 5);
+    let config = server_config(&dir.path().join("server"), &model_path, 1, 1);
+    let server = TestServer::start(config.clone());
+    let admin = AdminSocket::bind(server.core.clone()).expect("bind the control socket");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let operator = tokio::spawn(admin.serve(async move {
+        let _ = stopped.await;
+    }));
+    let path = socket_path(&config.state_dir);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "only the owner may administer");
+    // A second daemon on the same state folder is refused the socket.
+    assert!(matches!(
+        AdminSocket::bind(server.core.clone()),
+        Err(fedtune_server::admin::AdminError::InUse(_))
+    ));
+
+    // The commands are blocking (they run in the operator's shell, not in the runtime).
+    let cmd = |f: Box<dyn FnOnce() -> Result<String, fedtune_server::DaemonError> + Send>| {
+        tokio::task::spawn_blocking(f)
+    };
+    let c = config.clone();
+    let token = cmd(Box::new(move || fedtune_server::issue_token(&c, 1)))
+        .await
+        .unwrap()
+        .expect("token through the socket");
+    let (mut device, _) = client(
+        server.identity(),
+        &dir.path().join("device"),
+        &model_path,
+        counting(0..2, 8),
+    );
+    let id: DeviceId = device.enroll(&token).await.expect("the new token enrolls");
+
+    // Malformed, unknown and oversized requests are answered with a refusal, one line each.
+    let raw = |bytes: Vec<u8>| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            s.write_all(&bytes).unwrap();
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line).unwrap();
+            line
+        })
+    };
+    for bad in [
+        b"not json\n".to_vec(),
+        b"{\"op\":\"drop_tables\"}\n".to_vec(),
+        b"{\"op\":\"revoke\",\"device\":\"xyz\"}\n".to_vec(),
+        vec![b'{'; 10_000],
+    ] {
+        let answer = raw(bad).await.unwrap();
+        assert!(answer.starts_with("{\"result\":\"refused\""), "{answer}");
+    }
+    let c = config.clone();
+    let unknown = DeviceId([9; 16]);
+    let err = cmd(Box::new(move || {
+        fedtune_server::revoke(&c, unknown).map(|()| String::new())
+    }))
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(err.to_string().contains("refused"), "{err}");
+
+    // Revoked while the daemon serves: the device's next request is refused.
+    let c = config.clone();
+    cmd(Box::new(move || {
+        fedtune_server::revoke(&c, id).map(|()| String::new())
+    }))
+    .await
+    .unwrap()
+    .expect("revoke through the socket");
+    let err = device.run().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ErrorCode::Revoked),
+        "{err}"
+    );
+
+    let _ = stop.send(());
+    operator.await.unwrap();
+    assert!(!path.exists(), "the socket file goes with the daemon");
+    server.stop().await;
+    // No daemon: the command opens the store itself.
+    let c = config.clone();
+    let offline = cmd(Box::new(move || fedtune_server::issue_token(&c, 1)))
+        .await
+        .unwrap()
+        .expect("token from the store");
+    assert_ne!(offline, token);
+}
