@@ -98,6 +98,12 @@ impl Progress for Bars {
             s.sim_time_s,
             s.host_wall_s
         ));
+        if let Some(privacy) = &s.privacy {
+            let epsilon = s
+                .final_epsilon
+                .map_or(String::new(), |e| format!("; ε = {e:.3}"));
+            self.bar.println(format!("  {privacy}{epsilon}"));
+        }
     }
 }
 

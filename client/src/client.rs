@@ -429,9 +429,14 @@ impl Client {
         self.state.last_seen_round = plan.round - 1;
         if let Some(secure) = plan.secure {
             self.state_dir.save(&self.state)?;
-            let update = fedtune_shared::robust::flat::dense_seed_grads(&report, config.k);
+            let (update, statistics) = fedtune_shared::protocol::secure::fedkseed_parts(
+                &report,
+                &config,
+                secure.dp.is_some(),
+                secure.config.quantizer.clip(),
+            );
             return self
-                .secure_round(connection, plan.round, secure, &update, stats)
+                .secure_round(connection, plan.round, secure, &update, &statistics, stats)
                 .await;
         }
         self.state.pending = Some(Report {
@@ -469,7 +474,7 @@ impl Client {
             let update = fedtune_shared::robust::flat::adapter_delta(&global, &weights)
                 .map_err(|e| TrainError::Adapter(e.to_string()))?;
             return self
-                .secure_round(connection, plan.round, secure, &update, stats)
+                .secure_round(connection, plan.round, secure, &update, &[], stats)
                 .await;
         }
         let rank = task.lora.rank;
@@ -514,17 +519,19 @@ impl Client {
         })
     }
 
-    /// Runs a secure round's SecAgg+ phases for `update`. A refusal drops the round (the
-    /// device polls for work again); the network's failures reconnect, as anywhere else.
+    /// Runs a secure round's SecAgg+ phases for `update` and `statistics` (see
+    /// [`run_secure_round`]). A refusal drops the round (the device polls for work again); the
+    /// network's failures reconnect, as anywhere else.
     async fn secure_round(
         &mut self,
         connection: &Connection,
         round: u64,
         secure: fedtune_shared::protocol::secure::SecureRound,
         update: &[f32],
+        statistics: &[f32],
         stats: fedtune_shared::protocol::LocalStats,
     ) -> Result<(), ClientError> {
-        match run_secure_round(connection, round, secure, update, stats).await {
+        match run_secure_round(connection, round, secure, update, statistics, stats).await {
             Ok(SecureOutcome::Done) => {
                 self.state.last_reported_round = round;
                 self.state_dir.save(&self.state)?;

@@ -3,13 +3,19 @@
 //! `fedtune_shared::protocol::secure` for the message flow). The secrets are drawn fresh from
 //! the operating system every round and never leave memory: a device that restarts mid-session
 //! is a drop-out, and its next round starts a new session.
+//!
+//! With distributed differential privacy (the plan's `dp`), the device clips its update and
+//! adds its share of the noise before masking it, from OS randomness of its own: a seed the
+//! server knew would let it subtract the noise.
 
 use std::time::Duration;
 
 use fedtune_shared::privacy::secagg::{SecAggClient, os_seed};
-use fedtune_shared::protocol::secure::{SecAggDownload, SecAggUpload, SecureRound, weighted_input};
+use fedtune_shared::protocol::secure::{SecAggDownload, SecAggUpload, SecureRound, secure_input};
 use fedtune_shared::protocol::{ErrorCode, LocalStats, Request, Response};
 use fedtune_shared::transport::TransportError;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
 
 use crate::connection::Connection;
 
@@ -39,21 +45,54 @@ pub enum SecureError {
 const MAX_POLL_WAIT: Duration = Duration::from_secs(5);
 
 /// Runs the four phases of `round`'s session for `update` (the device's flat update: FedKSeed's
-/// dense K-vector, LoRA's adapter minus the global adapter), weighted by `stats.samples`, on
-/// `connection`.
+/// dense K-vector, LoRA's adapter minus the global adapter), weighted by `stats.samples` (or
+/// clipped and noised with weight 1 under the plan's distributed DP), followed by `statistics`
+/// (FedKSeed-Pro's, empty otherwise), on `connection`.
 ///
 /// # Errors
 ///
-/// [`SecureError`] when the network or the random source fails; a refusal by the server is an
-/// [`SecureOutcome::Abandoned`].
+/// [`SecureError`] when the network or the random source fails; a refusal by the server, or
+/// DP settings a device cannot follow, are an [`SecureOutcome::Abandoned`].
 pub async fn run_secure_round(
     connection: &Connection,
     round: u64,
     secure: SecureRound,
     update: &[f32],
+    statistics: &[f32],
     stats: LocalStats,
 ) -> Result<SecureOutcome, SecureError> {
-    let input = weighted_input(update, stats.samples, secure.max_samples);
+    if let Some(noise) = &secure.dp
+        && let Err(e) = noise.validate()
+    {
+        // Without valid noise the update would leave the device less private than promised.
+        return Ok(SecureOutcome::Abandoned(e.to_string()));
+    }
+    let noise_seed = os_seed().map_err(|e| SecureError::Random(e.to_string()))?;
+    let (input, norm) = secure_input(
+        update,
+        statistics,
+        stats.samples,
+        secure.max_samples,
+        secure.dp.as_ref(),
+        &mut ChaCha20Rng::from_seed(noise_seed),
+    );
+    if let (Some(norm), Some(noise)) = (norm, &secure.dp) {
+        tracing::debug!(
+            round,
+            norm,
+            clip_norm = noise.clip_norm,
+            clipped = norm > noise.clip_norm,
+            noise_std = noise.noise_std,
+            "update clipped and noised for differential privacy"
+        );
+    }
+    if input.len() != secure.config.vector_len {
+        return Ok(SecureOutcome::Abandoned(format!(
+            "the update has {} values, the session sums {}",
+            input.len(),
+            secure.config.vector_len
+        )));
+    }
     let clip = secure.config.quantizer.clip();
     let clipped = input.iter().filter(|v| v.abs() > clip).count();
     if clipped > 0 {

@@ -13,7 +13,8 @@ use fedtune_shared::prune::schedule::PruneSchedule;
 
 use crate::algorithm::fedspine::{DEFAULT_RANKS, DEFAULT_RATIOS};
 use fedtune_shared::lora::train::TrainConfig;
-use fedtune_shared::privacy::dp::DpConfig;
+use fedtune_shared::privacy::dp::{DistributedNoise, DpConfig, NOISE_TAIL_STDS};
+use fedtune_shared::privacy::gaussian::NoiseMode;
 use fedtune_shared::robust::RobustRule;
 use fedtune_shared::zo::round::ZoRunConfig;
 use serde::{Deserialize, Serialize};
@@ -81,13 +82,17 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacySettings {
-    /// Central DP (`[privacy.dp]`): the server clips every update, adds Gaussian noise to the
-    /// sum and logs ε after each round.
+    /// Differential privacy (`[privacy.dp]`). `mode = "central"` (the default, without secure
+    /// aggregation): the server clips every update, adds Gaussian noise to the sum and logs ε
+    /// after each round. `mode = "distributed"` (with secure aggregation only): every device
+    /// clips its own update to `clip.norm` (a fixed norm) and adds its share of the noise
+    /// before masking it, weights are equal, and the server divides the unmasked sum by the
+    /// devices in it and logs ε.
     pub dp: Option<DpConfig>,
     /// SecAgg+ (the server sees only the sum of the round's updates): after training, the
     /// selected devices run the four phases of `fedtune_shared::privacy::secagg` by polling, and
     /// the algorithm updates the global model from the sum. FedKSeed (and Pro) and LoRA with
-    /// FedAvg and a single rank only; not with `[robust]` or `[privacy.dp]`.
+    /// FedAvg and a single rank only; not with `[robust]` or central DP.
     pub secure_aggregation: bool,
     /// SecAgg+ settings (`[privacy.secagg]`), used when `secure_aggregation` is on.
     pub secagg: SecAggSettings,
@@ -134,6 +139,25 @@ impl SecAggSettings {
     /// The phase timeout as a duration.
     pub fn phase_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.phase_timeout_s.max(0.0))
+    }
+
+    /// The fewest devices whose masked updates are in any sum the daemon can unmask when a
+    /// round closes its key advertisements with at least `min_reports` devices (see
+    /// `fedtune_shared::privacy::secagg::min_survivors`): what distributed noise is calibrated
+    /// to, so that the guarantee holds whenever a round's sum is unmasked at all.
+    pub fn min_survivors(&self, min_reports: usize) -> usize {
+        fedtune_shared::privacy::secagg::min_survivors(self.degree, self.max_dropout, min_reports)
+    }
+}
+
+impl PrivacySettings {
+    /// What each device adds under distributed DP (secure aggregation with
+    /// `[privacy.dp] mode = "distributed"`) when rounds close with at least `min_reports`
+    /// devices; `None` otherwise.
+    pub fn distributed_noise(&self, min_reports: usize) -> Option<DistributedNoise> {
+        let dp = self.dp.as_ref()?;
+        (self.secure_aggregation && dp.mode == NoiseMode::Distributed)
+            .then(|| dp.distributed_noise(self.secagg.min_survivors(min_reports)))
     }
 }
 
@@ -483,31 +507,12 @@ impl ServerConfig {
 
     /// Checks `[robust]` and `[privacy]` against each other and the algorithm.
     fn check_privacy(&self) -> Result<(), ConfigError> {
-        if self.privacy.secure_aggregation {
-            check_secure_aggregation(
-                &self.privacy,
-                self.robust,
-                &self.algorithm,
-                self.rounds.min_reports,
-            )?;
-        }
-        if let Some(dp) = &self.privacy.dp {
-            dp.validate()
-                .map_err(|e| ConfigError::Invalid(format!("privacy.dp: {e}")))?;
-            if dp.mode != fedtune_shared::privacy::gaussian::NoiseMode::Central {
-                return Err(ConfigError::Invalid(
-                    "privacy.dp.mode: the daemon adds noise centrally; distributed noise needs \
-                     secure aggregation"
-                        .into(),
-                ));
-            }
-            if self.robust != RobustRule::Mean {
-                // The noise is calibrated to one client's influence on a mean, not a median.
-                return Err(ConfigError::Invalid(
-                    "privacy.dp and a robust rule cannot be combined".into(),
-                ));
-            }
-        }
+        check_privacy_settings(
+            &self.privacy,
+            self.robust,
+            &self.algorithm,
+            self.rounds.min_reports,
+        )?;
         let rule_ok = match self.robust {
             RobustRule::Mean | RobustRule::Median => true,
             RobustRule::TrimmedMean { trim } => (0.0..0.5).contains(&trim),
@@ -541,9 +546,51 @@ impl ServerConfig {
     }
 }
 
+/// Checks `[privacy]` (differential privacy and secure aggregation) against `[robust]` and the
+/// algorithm: the daemon's configuration, or a simulated run's with `min_reports` its clients
+/// per round.
+///
+/// # Errors
+///
+/// [`ConfigError::Invalid`], naming the conflict.
+pub fn check_privacy_settings(
+    privacy: &PrivacySettings,
+    robust: RobustRule,
+    algorithm: &AlgorithmConfig,
+    min_reports: usize,
+) -> Result<(), ConfigError> {
+    if let Some(dp) = &privacy.dp {
+        dp.validate()
+            .map_err(|e| ConfigError::Invalid(format!("privacy.dp: {e}")))?;
+        if dp.mode == NoiseMode::Distributed && !privacy.secure_aggregation {
+            return Err(ConfigError::Invalid(
+                "privacy.dp.mode = \"distributed\" needs [privacy] secure_aggregation = true: \
+                 devices add the noise only to what they mask; without secure aggregation the \
+                 server sees each update and adds the noise itself (mode = \"central\")"
+                    .into(),
+            ));
+        }
+        if robust != RobustRule::Mean {
+            // The noise is calibrated to one client's influence on a mean, not a median.
+            return Err(ConfigError::Invalid(
+                "privacy.dp and a robust rule cannot be combined".into(),
+            ));
+        }
+    }
+    if privacy.secure_aggregation {
+        check_secure_aggregation(privacy, robust, algorithm, min_reports)?;
+    }
+    Ok(())
+}
+
 /// Checks that secure aggregation can run with the rest of a configuration (the daemon's, or a
 /// simulated run's with `min_reports` its clients per round): the server sees only a sum, so
-/// whatever needs one device's update is refused.
+/// whatever needs one device's update is refused, and distributed DP's noise must fit the
+/// quantizer's range.
+///
+/// # Errors
+///
+/// [`ConfigError::Invalid`], naming the conflict.
 pub fn check_secure_aggregation(
     privacy: &PrivacySettings,
     robust: RobustRule,
@@ -556,11 +603,24 @@ pub fn check_secure_aggregation(
             "privacy.secure_aggregation: {m}"
         )))
     };
-    if privacy.dp.is_some() {
-        return refuse(
-            "central DP clips each device's update, which the server never sees; \
-             turn off [privacy.dp]",
-        );
+    if let Some(dp) = &privacy.dp {
+        if dp.mode == NoiseMode::Central {
+            // The server would have to see the noiseless sum (or each update) to add the noise
+            // itself, which is what secure aggregation keeps from it; distributed noise gives
+            // the same ε for the same z without trusting the server.
+            return refuse(
+                "central DP adds noise to a sum the server would see without it; \
+                 use [privacy.dp] mode = \"distributed\" (each device clips its update and \
+                 adds its share of the noise before masking)",
+            );
+        }
+        if dp.clip.adaptive.is_some() {
+            return refuse(
+                "adaptive clipping needs the fraction of devices whose update exceeded the norm, \
+                 which secure aggregation hides (a private estimate needs a secure, noised \
+                 count of its own, not implemented); use a fixed [privacy.dp.clip] norm",
+            );
+        }
     }
     if robust != RobustRule::Mean {
         return refuse(
@@ -601,6 +661,18 @@ pub fn check_secure_aggregation(
     if min_reports < 3 {
         // Two devices could unmask each other's update from the sum.
         return refuse("rounds.min_reports must be at least 3");
+    }
+    if let Some(noise) = privacy.distributed_noise(min_reports) {
+        // A value the quantizer cut would carry less noise than the guarantee counts on.
+        let bound = noise.value_bound();
+        if f64::from(s.clip) < bound {
+            return refuse(&format!(
+                "secagg.clip = {} is below {bound:.3}: a device's clipped and noised values \
+                 (DP clip norm {} plus {NOISE_TAIL_STDS} standard deviations of its noise share \
+                 {:.4}, for at least {} devices in a sum) must fit the secure sum's range",
+                s.clip, noise.clip_norm, noise.noise_std, noise.min_clients
+            ));
+        }
     }
     Ok(())
 }
@@ -726,6 +798,73 @@ mod tests {
     }
 
     #[test]
+    fn distributed_dp_needs_secure_aggregation_a_fixed_norm_and_room_for_its_noise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        let head = "state_dir = \"s\"\nmodel = \"m\"\n[rounds]\nclients_per_round = 6\nmin_reports = 5\n[algorithm]\nname = \"fedkseed\"\n";
+        let dp = "[privacy.dp]\nnoise_multiplier = 1.0\ndelta = 1e-5\npopulation = 1000\n[privacy.dp.clip]\nnorm = 1.0\n";
+        let distributed = dp.replace("[privacy.dp]\n", "[privacy.dp]\nmode = \"distributed\"\n");
+        let secure = "[privacy]\nsecure_aggregation = true\n";
+        let load = |body: &str| {
+            std::fs::write(&path, format!("{head}{body}")).unwrap();
+            ServerConfig::load(&path).map_err(|e| e.to_string())
+        };
+        let config = load(&format!("{secure}{distributed}")).expect("distributed DP with SecAgg+");
+        // Rounds close with at least 5 devices; δ = 0.3 lets 1 of 5 drop: 4 in any sum, each
+        // adding z · C / √4 = 0.5.
+        let noise = config
+            .privacy
+            .distributed_noise(5)
+            .expect("distributed noise");
+        assert_eq!((noise.min_clients, noise.noise_std), (4, 0.5));
+        assert_eq!(config.privacy.secagg.min_survivors(5), 4);
+        for (body, says) in [
+            // Distributed noise without secure aggregation: nobody would add it.
+            (
+                distributed.clone(),
+                "needs [privacy] secure_aggregation = true",
+            ),
+            // Central DP under secure aggregation: the server never sees what it would noise.
+            (format!("{secure}{dp}"), "mode = \"distributed\""),
+            (
+                format!(
+                    "{secure}{distributed}[privacy.dp.clip.adaptive]\ntarget_quantile = 0.5\nlr = 0.2\n"
+                ),
+                "adaptive clipping",
+            ),
+            // The quantizer's range must hold C + 8 · 0.5 = 5.
+            (
+                format!("{secure}{distributed}[privacy.secagg]\nclip = 4.0\n"),
+                "secagg.clip = 4 is below 5.000",
+            ),
+            (
+                format!("{secure}{distributed}[robust]\nrule = \"median\"\n"),
+                "robust rule",
+            ),
+        ] {
+            let err = load(&body).expect_err(&body);
+            assert!(err.contains(says), "{body}: {err}");
+        }
+        load(&format!(
+            "{secure}{distributed}[privacy.secagg]\nclip = 5.0\n"
+        ))
+        .expect("exactly enough room");
+        // LoRA FedAvg at one rank takes it too.
+        std::fs::write(
+            &path,
+            format!(
+                "{}{secure}{distributed}",
+                head.replace(
+                    "name = \"fedkseed\"\n",
+                    "name = \"lora\"\nstrategy = \"fed_avg\"\nranks = [4]\n"
+                )
+            ),
+        )
+        .unwrap();
+        ServerConfig::load(&path).expect("LoRA with distributed DP");
+    }
+
+    #[test]
     fn example_configs_parse() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
         for name in [
@@ -733,6 +872,7 @@ mod tests {
             "server-lora.toml",
             "server-fedspine.toml",
             "server-secagg.toml",
+            "server-secagg-dp.toml",
         ] {
             let config =
                 ServerConfig::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));

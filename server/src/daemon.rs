@@ -520,12 +520,22 @@ impl Core {
     ) -> Result<&'a mut SecureSession, DaemonError> {
         if running.secure.as_ref().map(SecureSession::round) != Some(round) {
             let len = check_secure_length(running.algorithm.as_ref())?;
+            // Distributed noise is calibrated to the fewest devices any unmasked sum can hold.
+            let privacy = &self.config.privacy;
+            let min_clients = privacy.secagg.min_survivors(self.config.rounds.min_reports);
+            let dp = running.algorithm.distributed_noise(min_clients);
+            if privacy.dp.is_some() && dp.is_none() {
+                return Err(DaemonError::Mismatch(
+                    "secure aggregation: the algorithm has no distributed DP".into(),
+                ));
+            }
             let session = SecureSession::new(
                 round,
                 self.config.rounds.slots(),
                 len,
                 running.algorithm.max_samples(),
-                &self.config.privacy.secagg,
+                &privacy.secagg,
+                dp,
             )
             .map_err(|e| DaemonError::Mismatch(format!("secure aggregation: {e}")))?;
             running.secure = Some(session);
@@ -654,6 +664,23 @@ impl Core {
             secagg_server_s = cost.server_s,
             "secure aggregation cost"
         );
+        if let (Some(p), Some(noise)) = (summary.privacy, aggregate.dp) {
+            // Distributed DP costs no bytes (the noise rides in the masked values) and the
+            // server only the accountant's time.
+            tracing::info!(
+                round,
+                epsilon = p.epsilon,
+                delta = p.delta,
+                clip_norm = p.clip_norm,
+                device_noise_std = noise.noise_std,
+                sum_noise_std = noise.sum_std(cost.clients),
+                min_clients = noise.min_clients,
+                sampled = aggregate.sampled,
+                dp_extra_bytes = 0,
+                dp_server_s = p.server_s,
+                "distributed differential privacy"
+            );
+        }
         Ok(summary)
     }
 

@@ -35,6 +35,16 @@ pub use daemon::{Core, DaemonError};
 /// Opens the state for `config`, writes `server-identity.json` into the state folder, binds the
 /// QUIC and metrics ports, and serves until SIGTERM or Ctrl-C.
 pub async fn run(config: ServerConfig) -> Result<(), DaemonError> {
+    run_until(config, shutdown_signal()).await
+}
+
+/// [`run`], serving until `shutdown` completes. Returns once every task it started is over
+/// (see [`transport::Listener::serve`]) and the state is closed, so the store can be opened
+/// again at once (by a restarted daemon in the same process, or `fedtune server token`).
+pub async fn run_until(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
     let listen = config.listen;
     let metrics_addr = config.metrics;
     let core = Arc::new(tokio::task::block_in_place(|| Core::open(config))?);
@@ -56,7 +66,15 @@ pub async fn run(config: ServerConfig) -> Result<(), DaemonError> {
         tracing::info!(%bound, "metrics endpoint");
     }
     tracing::info!(%bound, identity = %identity_path.display(), "serving");
-    serve_with_admin(listener, core, shutdown_signal()).await
+    serve_with_admin(listener, core.clone(), shutdown).await?;
+    // The listener's and the control socket's tasks are joined: this is the last handle on the
+    // core, and dropping it closes the store.
+    if Arc::strong_count(&core) > 1 {
+        tracing::warn!("the daemon's state is still in use after shutdown");
+    }
+    drop(core);
+    tracing::info!("stopped");
+    Ok(())
 }
 
 /// Serves devices and the operator's control socket until `shutdown`, then waits for both.

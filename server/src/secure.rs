@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use fedtune_shared::privacy::dp::DistributedNoise;
 use fedtune_shared::privacy::secagg::{ClientId, SecAggConfig, SecAggError, SecAggServer};
 use fedtune_shared::protocol::secure::{SecAggDownload, SecAggUpload, SecureRound, input_weight};
 use fedtune_shared::protocol::{DeviceId, LocalStats};
@@ -34,14 +35,25 @@ pub struct SecureCost {
 /// A finished session: the sum of the weighted updates and who is in it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SecureAggregate {
-    /// `Σ_u (samples_u / max_samples) · update_u` over the devices in the sum.
+    /// `Σ_u (samples_u / max_samples) · update_u` over the devices in the sum (with
+    /// distributed DP: `Σ_u (clip(update_u) + noise_u)`), then any unweighted statistics the
+    /// algorithm appends (FedKSeed-Pro's).
     pub sum: Vec<f32>,
-    /// `Σ_u samples_u / max_samples`: the sum divided by it is the sample-weighted mean.
+    /// `Σ_u samples_u / max_samples` (with distributed DP: the number of devices in the sum):
+    /// the update part of the sum divided by it is the round's mean.
     pub weight: f64,
     /// The devices in the sum with the measurements they sent in the clear, by device id.
     pub stats: Vec<(DeviceId, LocalStats)>,
     /// What the session cost.
     pub cost: SecureCost,
+    /// Devices the round sampled (given its plan): the DP accountant's sampled count, at
+    /// least the devices in the sum.
+    pub sampled: usize,
+    /// With distributed DP: what each device added (the server refuses a sum of fewer than
+    /// its `min_clients` devices).
+    pub dp: Option<DistributedNoise>,
+    /// The secure sum's clipping range: its values were in `[-clip, clip]` (scales statistics).
+    pub clip: f32,
 }
 
 /// Why a message was refused. The session is unchanged by a refused message.
@@ -97,6 +109,7 @@ pub struct SecureSession {
     round: u64,
     config: SecAggConfig,
     max_samples: u64,
+    dp: Option<DistributedNoise>,
     phase_timeout: Duration,
     server: SecAggServer,
     stage: Stage,
@@ -120,7 +133,8 @@ fn size<T: Serialize>(m: &T) -> usize {
 
 impl SecureSession {
     /// The session of `round` for updates of `vector_len` values from at most `max_clients`
-    /// devices, each trained on at most `max_samples` samples.
+    /// devices, each trained on at most `max_samples` samples; with distributed DP, `dp` is what
+    /// each device adds (its plan carries it).
     ///
     /// # Errors
     ///
@@ -131,6 +145,7 @@ impl SecureSession {
         vector_len: usize,
         max_samples: u64,
         settings: &crate::config::SecAggSettings,
+        dp: Option<DistributedNoise>,
     ) -> Result<Self, SecAggError> {
         let config = SecAggConfig::new(
             round,
@@ -144,6 +159,7 @@ impl SecureSession {
             round,
             config,
             max_samples,
+            dp,
             phase_timeout: settings.phase_timeout(),
             server: SecAggServer::new(config),
             stage: Stage::Advertise,
@@ -180,6 +196,7 @@ impl SecureSession {
             config: self.config,
             id,
             max_samples: self.max_samples,
+            dp: self.dp,
         }
     }
 
@@ -349,12 +366,16 @@ impl SecureSession {
             .filter_map(|id| Some((*self.devices.get(id)?, *self.stats.get(id)?)))
             .collect();
         stats.sort_by_key(|(d, _)| *d);
-        let weight = sum
-            .clients
-            .iter()
-            .filter_map(|id| self.stats.get(id))
-            .map(|s| f64::from(input_weight(s.samples, self.max_samples)))
-            .sum();
+        // Under DP every device masks with weight 1 (see `secure_input`).
+        let weight = match self.dp {
+            Some(_) => sum.clients.len() as f64,
+            None => sum
+                .clients
+                .iter()
+                .filter_map(|id| self.stats.get(id))
+                .map(|s| f64::from(input_weight(s.samples, self.max_samples)))
+                .sum(),
+        };
         let n = sum.clients.len().max(1) as f64;
         let total = |bytes: &BTreeMap<ClientId, usize>| -> f64 {
             sum.clients
@@ -374,6 +395,9 @@ impl SecureSession {
             sum: sum.sum,
             weight,
             stats,
+            sampled: self.ids.len().max(sum.clients.len()),
+            dp: self.dp,
+            clip: self.config.quantizer.clip(),
         }
     }
 }

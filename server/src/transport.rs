@@ -2,6 +2,11 @@
 //! hand it to the [`Core`] on the blocking pool (the core writes to disk), write the answer.
 //! Bad bytes on one stream get an error frame on that stream; the connection and the daemon
 //! carry on.
+//!
+//! Every task [`Listener::serve`] starts (the deadline ticker, one per connection, one per
+//! stream, and the blocking work each awaits) is joined before `serve` returns: each holds a
+//! clone of the core, so the core (and its store, which admits one opener) is released when
+//! `serve` returns, never some time after.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -84,40 +89,69 @@ impl Listener {
             .map_err(|e| DaemonError::Network(e.to_string()))
     }
 
-    /// Serves until `shutdown` completes, then closes connections gracefully.
+    /// Serves until `shutdown` completes, then closes connections gracefully and returns once
+    /// every task it started has ended (see the module comment), or after
+    /// [`SHUTDOWN_GRACE`] with the stragglers aborted (logged).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        let (stop_ticker, mut ticker_stopped) = tokio::sync::oneshot::channel::<()>();
         let timer_core = self.core.clone();
         let ticker = tokio::spawn(async move {
             let mut interval = tokio::time::interval(TICK);
             loop {
-                interval.tick().await;
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = &mut ticker_stopped => break,
+                }
                 let core = timer_core.clone();
+                // Awaited to its end even at shutdown: it holds the core.
                 let _ = tokio::task::spawn_blocking(move || core.on_timer(Instant::now())).await;
             }
         });
+        let mut connections = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let core = self.core.clone();
-                    tokio::spawn(async move {
+                    connections.spawn(async move {
                         if let Err(e) = serve_connection(core, incoming).await {
                             tracing::debug!(error = %e, "connection ended");
                         }
                     });
                 }
+                // Finished connections are reaped as they end, so the set holds live ones.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 () = &mut shutdown => {
                     tracing::info!("shutting down");
                     break;
                 }
             }
         }
-        ticker.abort();
+        let _ = stop_ticker.send(());
         self.endpoint.close(0u32.into(), b"server shutting down");
+        // Closing the endpoint closes every connection, which ends each connection's accept
+        // loop and fails every stream still reading or writing: the tasks end on their own.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            let _ = ticker.await;
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = connections.len(),
+                "connections still busy after {SHUTDOWN_GRACE:?}; aborting them"
+            );
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+        }
         self.endpoint.wait_idle().await;
     }
 }
+
+/// How long [`Listener::serve`] waits at shutdown for its tasks to end before aborting them
+/// (a blocking request already running still finishes: it cannot be interrupted).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The UDP receive buffer the daemon asks for: 1,000 devices sending at once fit.
 const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
@@ -139,16 +173,28 @@ async fn serve_connection(
         .export_keying_material(&mut session.exporter, EXPORTER_LABEL, b"")
         .map_err(|_| TransportError::Connect("TLS exporter unavailable".into()))?;
     let session = Arc::new(Mutex::new(session));
-    loop {
-        let (send, recv) = connection.accept_bi().await?;
-        let core = core.clone();
-        let session = session.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_stream(core, session, send, recv).await {
-                tracing::debug!(error = %e, "stream failed");
-            }
-        });
-    }
+    let mut streams = tokio::task::JoinSet::new();
+    let ended = loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let core = core.clone();
+                    let session = session.clone();
+                    streams.spawn(async move {
+                        if let Err(e) = serve_stream(core, session, send, recv).await {
+                            tracing::debug!(error = %e, "stream failed");
+                        }
+                    });
+                }
+                Err(e) => break e,
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    };
+    // The connection is closed: its streams fail or finish at once. Waiting for them (and for
+    // the blocking request each may be in) keeps every clone of the core inside this task.
+    while streams.join_next().await.is_some() {}
+    Err(ended.into())
 }
 
 struct ConnectionGuard(Arc<crate::metrics::Metrics>);

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::lora::{AdaptedLayer, AdapterWeights, LoraConfig, LoraFactors};
 use fedtune_shared::lora::{LoraScaling, TargetModule};
+use fedtune_shared::privacy::dp::DistributedNoise;
 use fedtune_shared::privacy::secagg::{
     KeyAdvertisement, MaskedInput, NeighbourKeys, SecAggClient, SecAggConfig,
 };
@@ -327,6 +328,19 @@ fn plans() -> Vec<(&'static str, Plan)> {
                     config: secagg_config(),
                     id: 2,
                     max_samples: 4,
+                    dp: None,
+                }),
+                ..fedkseed_plan()
+            },
+        ),
+        (
+            "fedkseed-secure-dp",
+            Plan {
+                secure: Some(SecureRound {
+                    config: secagg_config(),
+                    id: 2,
+                    max_samples: 4,
+                    dp: Some(DistributedNoise::new(1.0, 1.1, 4)),
                 }),
                 ..fedkseed_plan()
             },

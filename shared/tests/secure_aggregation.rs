@@ -86,6 +86,40 @@ fn too_many_dropouts_are_an_error_not_a_wrong_sum() {
 }
 
 #[test]
+fn every_unmasked_sum_holds_at_least_min_survivors_inputs() {
+    // What distributed DP's noise is calibrated to: whichever clients drop out before masking,
+    // a sum the server can unmask has at least `min_survivors` inputs in it (7 of 10 in the
+    // full graph at δ = 0.3, where the bound is reached; 4 in the degree-4 graph).
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let x: Vec<Vec<f32>> = (0..CLIENTS).map(|c| vec![c as f32 / 10.0; 8]).collect();
+    for (degree, least) in [(CLIENTS - 1, 7), (4, 4)] {
+        let config = SecAggConfig::new(9, CLIENTS, 8, CLIP, degree, 0.3).expect("config");
+        assert_eq!(config.min_survivors(CLIENTS), least);
+        let mut fewest = CLIENTS;
+        for trial in 0..60u64 {
+            let drops = rng.random_range(0..=5usize);
+            let before_input: BTreeSet<ClientId> = (0..drops)
+                .map(|_| rng.random_range(0..CLIENTS as ClientId))
+                .collect();
+            let dropouts = Dropouts {
+                before_input,
+                before_unmask: BTreeSet::new(),
+            };
+            if let Ok(run) = run_secure_sum(&config, &x, &dropouts, trial) {
+                fewest = fewest.min(run.result.clients.len());
+            }
+        }
+        assert!(fewest >= least, "degree {degree}: a sum of {fewest}");
+        if degree == CLIENTS - 1 {
+            assert_eq!(fewest, least, "the full graph's bound is reached");
+        }
+    }
+    // Fewer clients advertising lowers the bound; never below 3 clients' threshold.
+    assert_eq!(config(CLIENTS - 1).min_survivors(5), 4);
+    assert_eq!(config(CLIENTS - 1).min_survivors(1), 3);
+}
+
+#[test]
 fn sparse_neighbour_graph_sums_correctly() {
     let x = inputs(3);
     // Degree 4: each client shares masks and secrets with 4 others only.

@@ -169,7 +169,8 @@ pub struct RunConfig {
     /// How the round's updates are combined (`rule = "median"`, …), as the daemon's `[robust]`.
     #[serde(default)]
     pub robust: RobustRule,
-    /// Central differential privacy or secure aggregation (`secure_aggregation = true`, with
+    /// Differential privacy (`[runs.privacy.dp]`: central, or `mode = "distributed"` with
+    /// secure aggregation) and secure aggregation (`secure_aggregation = true`, with
     /// `[runs.privacy.secagg]`), as the daemon's `[privacy]`.
     #[serde(default)]
     pub privacy: PrivacySettings,
@@ -276,16 +277,14 @@ impl SimulationConfig {
             if !labels.insert(&run.label) {
                 return bad("two runs have the same label");
             }
-            if run.privacy.secure_aggregation {
-                // The daemon's own rules; a round's clients stand for its `min_reports`.
-                fedtune_server::config::check_secure_aggregation(
-                    &run.privacy,
-                    run.robust,
-                    &run.algorithm,
-                    self.clients_per_round,
-                )
-                .map_err(|e| ConfigError::Invalid(format!("run {}: {e}", run.label)))?;
-            }
+            // The daemon's own rules; a round's clients stand for its `min_reports`.
+            fedtune_server::config::check_privacy_settings(
+                &run.privacy,
+                run.robust,
+                &run.algorithm,
+                self.clients_per_round,
+            )
+            .map_err(|e| ConfigError::Invalid(format!("run {}: {e}", run.label)))?;
         }
         if !(0.0..1.0).contains(&self.partition.heldout_fraction) {
             return bad("heldout_fraction must be in [0, 1)");

@@ -24,13 +24,13 @@ use fedtune_shared::privacy::secagg::{ClientId, SecAggConfig};
 use fedtune_shared::privacy::secure_sum::{Dropouts, run_secure_sum};
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::frame::encode;
-use fedtune_shared::protocol::secure::{input_weight, weighted_input};
+use fedtune_shared::protocol::secure::{fedkseed_parts, input_weight, secure_input};
 use fedtune_shared::protocol::{
     DeviceId, Digest, Plan, Report, ReportPayload, Request, Response, SigningKey, Task,
 };
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand_chacha::{ChaCha8Rng, ChaCha20Rng};
 
 use crate::evaluation::{Evaluation, Evaluator};
 use crate::fleet::{DeviceProfile, round_time_s};
@@ -222,22 +222,27 @@ impl Driver {
 
     /// The flat update a device masks in a secure round (FedKSeed: its dense K-vector of
     /// accumulated scalar gradients; LoRA: its adapter minus the global adapter), before its
-    /// sample weight.
-    pub fn secure_update(&self, blobs: &Blobs, report: &Report) -> Result<Vec<f32>, EngineError> {
+    /// sample weight (or DP's clipping and noise), and the statistics it masks after it
+    /// (FedKSeed-Pro without DP: its importance statistics scaled into `clip`; else none).
+    pub fn secure_update(
+        &self,
+        blobs: &Blobs,
+        report: &Report,
+        dp: bool,
+        clip: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>), EngineError> {
         let invalid =
             |e: &dyn std::fmt::Display| EngineError::Invalid(format!("secure update: {e}"));
         match (self, &report.payload) {
             (Self::FedKSeed { algorithm, .. }, ReportPayload::FedKSeed(inner)) => {
-                Ok(fedtune_shared::robust::flat::dense_seed_grads(
-                    inner,
-                    algorithm.server().config().k,
-                ))
+                Ok(fedkseed_parts(inner, algorithm.server().config(), dp, clip))
             }
             (Self::Lora(lora), ReportPayload::Lora { adapter, .. }) => {
                 let bytes = blobs.read(&adapter.digest).map_err(|e| invalid(&e))?;
                 let weights = fedtune_shared::protocol::adapter_blob::decode_adapter(&bytes)
                     .map_err(|e| invalid(&e))?;
                 fedtune_shared::robust::flat::adapter_delta(lora.global(), &weights)
+                    .map(|update| (update, Vec::new()))
                     .map_err(|e| invalid(&e))
             }
             _ => Err(EngineError::Invalid(
@@ -412,16 +417,21 @@ pub fn run_in_process(
         }
         reports.sort_by_key(|(device, _)| *device);
         let mut secure_cost = None;
-        let (train_loss, epsilon) = if let Some(settings) = &policy.secure {
-            let aggregate = secure_sum(driver, blobs, &reports, vanished, round, settings, policy)?;
-            match aggregate {
+        let (train_loss, privacy) = if let Some(settings) = &policy.secure {
+            let session = SessionInputs {
+                reports: &reports,
+                vanished,
+                sampled: chosen.len(),
+                round,
+            };
+            match secure_sum(driver, blobs, &session, settings, policy)? {
                 Some(aggregate) => {
                     let summary = driver.algorithm().aggregate_secure(&aggregate)?;
                     let cost = aggregate.cost;
                     bytes_up += (cost.upload_bytes_per_client * cost.clients as f64) as u64;
                     bytes_down += (cost.download_bytes_per_client * cost.clients as f64) as u64;
                     secure_cost = Some(cost);
-                    (summary.mean_loss, None)
+                    (summary.mean_loss, summary.privacy)
                 }
                 None => (f32::NAN, None),
             }
@@ -430,7 +440,7 @@ pub fn run_in_process(
             (f32::NAN, None)
         } else {
             let summary = driver.algorithm().aggregate(&reports)?;
-            (summary.mean_loss, summary.privacy.map(|p| p.epsilon))
+            (summary.mean_loss, summary.privacy)
         };
         sim_time += round_time;
         total_bytes += bytes_up + bytes_down;
@@ -459,7 +469,8 @@ pub fn run_in_process(
             compute_s,
             eval_s,
             peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
-            epsilon,
+            epsilon: privacy.map(|p| p.epsilon),
+            dp_server_s: privacy.map(|p| p.server_s),
             secagg_up_bytes_per_client: secure_cost.map(|c| c.upload_bytes_per_client),
             secagg_down_bytes_per_client: secure_cost.map(|c| c.download_bytes_per_client),
             secagg_server_s: secure_cost.map(|c| c.server_s),
@@ -470,19 +481,41 @@ pub fn run_in_process(
     Ok(initial)
 }
 
-/// One round's secure sum over the accepted `reports` plus `vanished` devices that share keys
-/// and drop out before masking, through SecAgg+'s state machines. `None` when the session
-/// fails (too few devices, or too many drop-outs for the threshold): the round then changes
+/// What one round brings to its secure session.
+struct SessionInputs<'a> {
+    /// The accepted reports, by device id.
+    reports: &'a [(DeviceId, Report)],
+    /// Devices that share keys and drop out before masking.
+    vanished: usize,
+    /// Devices given the round's task (the DP accountant's sampled count).
+    sampled: usize,
+    /// The round.
+    round: u64,
+}
+
+/// The stream of the harness's DP noise, apart from every other use of a device's local seed.
+const DP_NOISE_STREAM: u64 = 0x6470_6e6f_6973_6521;
+
+/// One round's secure sum over the accepted reports plus the vanished devices, which share keys
+/// and drop out before masking, through SecAgg+'s state machines. Under distributed DP each
+/// device clips and noises its update as the SDK does, from a seed of the run's (a simulation
+/// stays repeatable; a real device draws from the OS). `None` when the session fails (too few
+/// devices, or too many drop-outs for the threshold) or, under DP, holds fewer devices than the
+/// noise was calibrated to (fewer took part than the round's clients): the round then changes
 /// nothing, as on the daemon, where it would run again.
 fn secure_sum(
     driver: &Driver,
     blobs: &Blobs,
-    reports: &[(DeviceId, Report)],
-    vanished: usize,
-    round: u64,
+    session: &SessionInputs<'_>,
     settings: &SecAggSettings,
     policy: &RoundPolicy,
 ) -> Result<Option<SecureAggregate>, EngineError> {
+    let SessionInputs {
+        reports,
+        vanished,
+        sampled,
+        round,
+    } = *session;
     let algorithm: &dyn ServerAlgorithm = match driver {
         Driver::FedKSeed { algorithm, .. } => algorithm,
         Driver::Lora(lora) => lora,
@@ -492,10 +525,23 @@ fn secure_sum(
         EngineError::Invalid("this algorithm cannot aggregate from a secure sum".into())
     })?;
     let max_samples = algorithm.max_samples();
+    // The daemon's calibration, with a round's clients standing for its `min_reports`.
+    let dp = algorithm.distributed_noise(settings.min_survivors(policy.clients_per_round));
     let mut inputs = Vec::with_capacity(reports.len() + vanished);
-    for (_, report) in reports {
-        let update = driver.secure_update(blobs, report)?;
-        inputs.push(weighted_input(&update, report.stats.samples, max_samples));
+    for (device, report) in reports {
+        let (update, statistics) =
+            driver.secure_update(blobs, report, dp.is_some(), settings.clip)?;
+        let mut rng =
+            ChaCha20Rng::seed_from_u64(local_seed(policy.seed, round, *device) ^ DP_NOISE_STREAM);
+        let (input, _) = secure_input(
+            &update,
+            &statistics,
+            report.stats.samples,
+            max_samples,
+            dp.as_ref(),
+            &mut rng,
+        );
+        inputs.push(input);
     }
     // The vanished devices' inputs are never masked; their length only has to be right.
     inputs.extend((0..vanished).map(|_| vec![0.0f32; len]));
@@ -521,20 +567,39 @@ fn secure_sum(
             return Ok(None);
         }
     };
-    Ok(Some(SecureAggregate {
-        sum: run.result.sum,
-        weight: reports
+    let clients = run.result.clients.len();
+    if let Some(noise) = &dp
+        && clients < noise.min_clients
+    {
+        tracing::warn!(
+            round,
+            clients,
+            min_clients = noise.min_clients,
+            "too few devices' noise in the sum for the DP guarantee; the global model stays"
+        );
+        return Ok(None);
+    }
+    let weight = match dp {
+        Some(_) => clients as f64,
+        None => reports
             .iter()
             .map(|(_, r)| f64::from(input_weight(r.stats.samples, max_samples)))
             .sum(),
+    };
+    Ok(Some(SecureAggregate {
+        sum: run.result.sum,
+        weight,
         stats: reports.iter().map(|(d, r)| (*d, r.stats)).collect(),
         cost: SecureCost {
-            clients: run.result.clients.len(),
+            clients,
             dropped: vanished,
             upload_bytes_per_client: run.upload_bytes_per_client,
             download_bytes_per_client: run.download_bytes_per_client,
             server_s: run.server_s,
         },
+        sampled: sampled.max(clients),
+        dp,
+        clip: settings.clip,
     }))
 }
 

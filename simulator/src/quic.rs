@@ -290,6 +290,7 @@ fn round_records(
                 eval_s: 0.0,
                 peak_rss_bytes: fedtune_shared::peak_memory::peak_rss_bytes(),
                 epsilon: summary.and_then(|s| s.privacy.as_ref()).map(|p| p.epsilon),
+                dp_server_s: summary.and_then(|s| s.privacy.as_ref()).map(|p| p.server_s),
                 secagg_up_bytes_per_client: secure.map(|c| c.upload_bytes_per_client),
                 secagg_down_bytes_per_client: secure.map(|c| c.download_bytes_per_client),
                 secagg_server_s: secure.map(|c| c.server_s),

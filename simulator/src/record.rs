@@ -62,9 +62,14 @@ pub struct RoundRecord {
     pub eval_s: f64,
     /// Peak resident memory of the harness process so far, where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
-    /// With central DP: the privacy spent so far (ε at the configured δ).
+    /// With DP (central, or distributed under secure aggregation): the privacy spent so far
+    /// (ε at the configured δ).
     #[serde(default)]
     pub epsilon: Option<f64>,
+    /// With DP: the seconds the server spent on it this round (central: clipping, noise and
+    /// the accountant; distributed: the accountant alone). DP adds no bytes.
+    #[serde(default)]
+    pub dp_server_s: Option<f64>,
     /// With secure aggregation: the mean SecAgg+ bytes a device in the sum sent this round (its
     /// four phases' messages, the masked update included), on top of the plain protocol's.
     #[serde(default)]
@@ -99,6 +104,13 @@ pub struct RunSummary {
     /// the algorithm's own averaging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub robust: Option<String>,
+    /// Secure aggregation and differential privacy settings (`SecAgg+ (clip 50, degree 16)`,
+    /// `distributed DP (z = 1, C = 1, δ = 1e-5, …)`), when either is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<String>,
+    /// ε at the end of the run (for the summary's δ), with DP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_epsilon: Option<f64>,
     /// Rounds run.
     pub rounds: u64,
     /// Held-out loss before the first round.

@@ -46,7 +46,7 @@ pub enum ReportError {
 /// The CSV columns, in order; the same names as [`RoundRecord`]'s fields.
 const CSV_HEADER: &str = "run,algorithm,round,clients,dropped,train_loss,heldout_loss,perplexity,\
 rouge_l,round_time_s,sim_time_s,bytes_up,bytes_down,total_bytes,host_wall_s,compute_s,eval_s,peak_rss_bytes,attackers,\
-epsilon,secagg_up_bytes_per_client,secagg_down_bytes_per_client,secagg_server_s";
+epsilon,secagg_up_bytes_per_client,secagg_down_bytes_per_client,secagg_server_s,dp_server_s";
 
 /// Writes a run folder as the run goes.
 #[derive(Debug)]
@@ -291,6 +291,45 @@ pub fn report(run_dirs: &[PathBuf], target_loss: Option<f32>) -> Result<String, 
             ));
         }
     }
+    let private: Vec<&RunData> = runs
+        .iter()
+        .filter(|r| r.summary.privacy.is_some())
+        .collect();
+    if !private.is_empty() {
+        out.push_str("\nPrivacy (secure aggregation and differential privacy):\n\n");
+        for run in private {
+            let s = &run.summary;
+            let mean = |f: fn(&RoundRecord) -> Option<f64>| {
+                let v: Vec<f64> = run.records.iter().filter_map(f).collect();
+                (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+            };
+            let mut line = format!(
+                "- `{}`: {}",
+                cell(&s.run),
+                cell(s.privacy.as_deref().unwrap_or(""))
+            );
+            if let Some(e) = s.final_epsilon {
+                line.push_str(&format!("; ε = {e:.3} after {} rounds", s.rounds));
+            }
+            if let Some(up) = mean(|r| r.secagg_up_bytes_per_client) {
+                line.push_str(&format!("; SecAgg+ {} up", bytes(up)));
+            }
+            if let Some(down) = mean(|r| r.secagg_down_bytes_per_client) {
+                line.push_str(&format!(" and {} down per device per round", bytes(down)));
+            }
+            if let Some(t) = mean(|r| r.secagg_server_s) {
+                line.push_str(&format!(", {} of server time per round", duration(t)));
+            }
+            if let Some(t) = mean(|r| r.dp_server_s) {
+                line.push_str(&format!(
+                    "; DP {} of server time per round, no extra bytes",
+                    duration(t)
+                ));
+            }
+            out.push_str(&line);
+            out.push_str(".\n");
+        }
+    }
     out.push_str("\nCommands:\n\n");
     for run in &runs {
         out.push_str(&format!(
@@ -366,6 +405,7 @@ fn csv_row(r: &RoundRecord) -> String {
         opt64(r.secagg_up_bytes_per_client),
         opt64(r.secagg_down_bytes_per_client),
         opt64(r.secagg_server_s),
+        opt64(r.dp_server_s),
     ]
     .join(",")
 }
@@ -432,6 +472,7 @@ mod tests {
                 secagg_up_bytes_per_client: None,
                 secagg_down_bytes_per_client: None,
                 secagg_server_s: None,
+                dp_server_s: None,
             });
         }
         let last = 3.0 - step * rounds as f32;
@@ -443,6 +484,8 @@ mod tests {
             attackers: 0,
             attack: None,
             robust: None,
+            privacy: None,
+            final_epsilon: None,
             rounds,
             initial_heldout_loss: 3.0,
             final_heldout_loss: last,
@@ -471,7 +514,7 @@ mod tests {
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[0], CSV_HEADER);
-        assert_eq!(lines[0].split(',').count(), 23);
+        assert_eq!(lines[0].split(',').count(), 24);
         // The label is quoted; round 2 was not evaluated, so its loss cells are empty.
         assert!(
             lines[2].starts_with("\"a,\"\"b\"\"\",fedkseed,2,4,1,"),
@@ -498,6 +541,39 @@ mod tests {
             Err(ReportError::NoRounds { .. })
         ));
         assert!(matches!(report(&[], None), Err(ReportError::NoRuns)));
+    }
+
+    #[test]
+    fn report_shows_the_privacy_settings_and_epsilon() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut records, mut summary) = run("private", 2, 0.1, 1.0, 10, 10);
+        for (i, r) in records.iter_mut().enumerate() {
+            r.epsilon = Some(1.0 + i as f64);
+            r.dp_server_s = Some(0.002);
+            r.secagg_up_bytes_per_client = Some(2048.0);
+            r.secagg_down_bytes_per_client = Some(1024.0);
+            r.secagg_server_s = Some(0.001);
+        }
+        summary.privacy = Some("SecAgg+ (clip 10), distributed DP (z = 1, C = 1)".into());
+        summary.final_epsilon = Some(2.0);
+        let (plain_records, plain) = run("plain", 2, 0.1, 1.0, 10, 10);
+        write_run(&dir.path().join("a"), &records, &summary).unwrap();
+        write_run(&dir.path().join("b"), &plain_records, &plain).unwrap();
+        let table = report(&[dir.path().join("a"), dir.path().join("b")], None).unwrap();
+        assert!(table.contains("Privacy (secure aggregation and differential privacy)"));
+        assert!(
+            table.contains("- `private`: SecAgg+ (clip 10), distributed DP (z = 1, C = 1); ε = 2.000 after 2 rounds; SecAgg+ 2.00 KiB up and 1.00 KiB down per device per round, 1 ms of server time per round; DP 2 ms of server time per round, no extra bytes."),
+            "{table}"
+        );
+        assert!(!table.contains("- `plain`:"), "{table}");
+        let csv = std::fs::read_to_string(dir.path().join("a").join(files::METRICS_CSV)).unwrap();
+        assert!(
+            csv.lines()
+                .nth(2)
+                .unwrap()
+                .ends_with(",2,2048,1024,0.001,0.002"),
+            "{csv}"
+        );
     }
 
     #[test]

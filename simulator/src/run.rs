@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fedtune_server::algorithm::combine::UpdateCombiner;
-use fedtune_server::config::AlgorithmConfig;
+use fedtune_server::config::{AlgorithmConfig, PrivacySettings};
 use fedtune_shared::data::example::{Example, tokenize, tokenize_all};
 use fedtune_shared::data::instructions::load_jsonl;
 use fedtune_shared::data::partition::{dirichlet, heldout_split, iid, natural};
@@ -409,6 +409,11 @@ fn run_one(
         .unwrap_or((initial.loss, initial.rouge_l));
     let participations: usize = records.iter().map(|r| r.clients + r.dropped).sum();
     let reporters: usize = records.iter().map(|r| r.clients).sum();
+    // The fewest devices a round closes with: what distributed DP's noise is calibrated to.
+    let min_reports = match config.transport {
+        Transport::InProcess => config.clients_per_round,
+        Transport::Quic => population.clients.len(),
+    };
     let summary = RunSummary {
         run: run.label.clone(),
         algorithm: name.into(),
@@ -417,6 +422,8 @@ fn run_one(
         attackers: population.attackers(),
         attack: attack_description(population),
         robust: (run.robust != RobustRule::Mean).then(|| robust_description(&run.robust)),
+        privacy: privacy_description(&run.privacy, min_reports),
+        final_epsilon: records.iter().rev().find_map(|r| r.epsilon),
         rounds: config.rounds,
         initial_heldout_loss: initial.loss,
         final_heldout_loss: final_loss,
@@ -446,6 +453,43 @@ pub fn robust_description(rule: &RobustRule) -> String {
         }
         other => other.name().to_string(),
     }
+}
+
+/// A run's secure aggregation and DP settings, for the report (`None` when both are off):
+/// `SecAgg+ (clip 10, degree 16, max drop-out 0.3)`, `central DP (z = 1, C = 1, δ = 1e-5,
+/// population 30)`, or with `distributed DP (… each device adds N(0, σ²), σ = …, at least m
+/// devices in a sum)`; `min_reports` is the fewest devices a round closes with.
+pub fn privacy_description(privacy: &PrivacySettings, min_reports: usize) -> Option<String> {
+    let mut parts = Vec::new();
+    if privacy.secure_aggregation {
+        let s = &privacy.secagg;
+        parts.push(format!(
+            "SecAgg+ (clip {}, degree {}, max drop-out {})",
+            s.clip, s.degree, s.max_dropout
+        ));
+    }
+    if let Some(dp) = &privacy.dp {
+        let clip = match dp.clip.adaptive {
+            Some(a) => format!(
+                "C = {} adaptive (quantile {}, lr {})",
+                dp.clip.norm, a.target_quantile, a.lr
+            ),
+            None => format!("C = {}", dp.clip.norm),
+        };
+        let common = format!(
+            "z = {}, {clip}, δ = {}, population {}",
+            dp.noise_multiplier, dp.delta, dp.population
+        );
+        parts.push(match privacy.distributed_noise(min_reports) {
+            Some(noise) => format!(
+                "distributed DP ({common}; each device clips and adds N(0, σ²), σ = {:.4}, at \
+                 least {} devices in a sum; equal weights)",
+                noise.noise_std, noise.min_clients
+            ),
+            None => format!("central DP ({common})"),
+        });
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// What the population's attackers do (`sign_flip`, `scaled ×-4`, …), `None` without any.

@@ -54,6 +54,7 @@ fn synthetic(label: &str, decay: f64, bytes: u64, round_s: f64) -> (Vec<RoundRec
             secagg_up_bytes_per_client: None,
             secagg_down_bytes_per_client: None,
             secagg_server_s: None,
+            dp_server_s: None,
         });
     }
     let summary = RunSummary {
@@ -64,6 +65,8 @@ fn synthetic(label: &str, decay: f64, bytes: u64, round_s: f64) -> (Vec<RoundRec
         attackers: 0,
         attack: None,
         robust: None,
+        privacy: None,
+        final_epsilon: None,
         rounds: 20,
         initial_heldout_loss: loss(0),
         final_heldout_loss: loss(20),

@@ -5,6 +5,10 @@
 //!
 //! The daemon runs as a real separate process: this test binary re-executes itself to run the
 //! ignored `daemon_process` test, which serves the configuration named by an environment variable.
+//!
+//! A stopped daemon (`fedtune_server::run_until`, the test server) has closed its store by the
+//! time it returns, even with devices in the middle of requests, so a restart in the same process
+//! opens it at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,14 +16,15 @@ use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use fedtune_client::connection::Connection;
 use fedtune_client::{Event, Outcome};
 use fedtune_server::ServerConfig;
 use fedtune_server::algorithm::RoundSummary;
 use fedtune_server::registry::Registry;
 use fedtune_server::store::Store;
-use fedtune_shared::protocol::DeviceId;
 use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::decode_body;
+use fedtune_shared::protocol::{Capabilities, DeviceId, EnrollRequest, Request, SigningKey};
 use fedtune_shared::transport::identity::ServerIdentity;
 use fedtune_shared::zo::round::ZoServer;
 use fedtune_tests::network::*;
@@ -306,4 +311,142 @@ async fn device_killed_before_its_acknowledgement_resends_and_counts_once() {
         "{summaries:?}"
     );
     assert_eq!(history, reference_history(&model, &data, rounds));
+}
+
+/// A client that enrolls a fresh key after another as fast as the server answers, until the
+/// server is gone: each enrollment is a store commit on the daemon's blocking pool, so commits
+/// are in flight whenever the server stops. Returns how many were answered.
+fn busy_enroller(
+    identity: ServerIdentity,
+    model: &Path,
+    stream: u8,
+) -> tokio::task::JoinHandle<u32> {
+    let digest = model_digest(model).unwrap();
+    tokio::spawn(async move {
+        let cert = identity.certificate_der().unwrap();
+        let Ok(connection) = Connection::open(identity.address, &cert).await else {
+            return 0;
+        };
+        let mut answered = 0u32;
+        loop {
+            let mut seed = [stream; 32];
+            seed[..4].copy_from_slice(&answered.to_le_bytes());
+            let key = SigningKey::from_seed(&seed).unwrap();
+            let enroll = Request::Enroll(EnrollRequest {
+                token: TOKEN.into(),
+                public_key: key.public_key(),
+                capabilities: Capabilities {
+                    base_model: digest,
+                    ..Capabilities::default()
+                },
+            });
+            match connection.request(&enroll).await {
+                Ok(_) | Err(fedtune_shared::transport::TransportError::Refused(_)) => answered += 1,
+                Err(_) => return answered,
+            }
+        }
+    })
+}
+
+/// Enrollments the busy clients may make.
+const ENROLLMENTS: u32 = 1_000_000;
+
+/// A daemon serving in this process, started one of two ways.
+enum Serving {
+    /// `fedtune_server::run_until`, what `fedtune server` runs.
+    Run(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), fedtune_server::DaemonError>>,
+    ),
+    /// The other tests' server.
+    Test(TestServer),
+}
+
+impl Serving {
+    async fn start(config: ServerConfig, through_run: bool) -> (Self, ServerIdentity) {
+        if !through_run {
+            let server = TestServer::start(config);
+            Registry::new(server.core.store())
+                .add_token(TOKEN, ENROLLMENTS)
+                .unwrap();
+            let identity = server.identity();
+            return (Self::Test(server), identity);
+        }
+        let state_dir = config.state_dir.clone();
+        {
+            std::fs::create_dir_all(&state_dir).unwrap();
+            let store = Store::open(&state_dir.join("store")).unwrap();
+            Registry::new(&store).add_token(TOKEN, ENROLLMENTS).unwrap();
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(fedtune_server::run_until(config, async move {
+            let _ = rx.await;
+        }));
+        let identity_path = state_dir.join("server-identity.json");
+        let start = Instant::now();
+        while !identity_path.exists() {
+            assert!(start.elapsed() < Duration::from_secs(60), "no identity");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (
+            Self::Run(tx, daemon),
+            ServerIdentity::load(&identity_path).unwrap(),
+        )
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Run(tx, daemon) => {
+                let _ = tx.send(());
+                daemon.await.unwrap().unwrap();
+            }
+            Self::Test(server) => server.stop().await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_daemon_has_closed_its_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let mut slowest = 0.0f64;
+    for attempt in 0..30u8 {
+        let state_dir = dir.path().join(format!("server{attempt}"));
+        let through_run = attempt % 2 == 0;
+        let (serving, identity) =
+            Serving::start(server_config(&state_dir, &model, 2, 1), through_run).await;
+        // The first attempts stop with requests in flight, the others with no connection at
+        // all (then nothing slows the shutdown down: only the deadline ticker is running).
+        let busy = attempt < 6;
+        let clients: Vec<_> = (0..if busy { 8 } else { 0 })
+            .map(|c| busy_enroller(identity.clone(), &model, 10 * attempt + c + 1))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(if busy { 200 } else { 20 })).await;
+        let stopping = Instant::now();
+        serving.stop().await;
+        let stop_s = stopping.elapsed().as_secs_f64();
+        // Right away: no task of the stopped daemon may still hold the store.
+        let reopened = Store::open(&state_dir.join("store"));
+        assert!(
+            reopened.is_ok(),
+            "attempt {attempt} ({}): the store is still open after the daemon returned: {:?}",
+            if through_run {
+                "run_until"
+            } else {
+                "test server"
+            },
+            reopened.err()
+        );
+        assert!(stop_s < 5.0, "stopping took {stop_s:.2} s");
+        slowest = slowest.max(stop_s);
+        let mut answered = 0;
+        for client in clients {
+            answered += client.await.unwrap();
+        }
+        assert!(
+            answered > 0 || !busy,
+            "attempt {attempt}: no request was answered"
+        );
+    }
+    eprintln!("30 stops, the slowest in {slowest:.3} s");
 }

@@ -6,7 +6,13 @@
 //! - The same for LoRA with FedAvg at a single rank: the global adapters agree within the bound.
 //! - Malformed, out-of-phase, repeated, foreign-id and unknown-session SecAgg messages are
 //!   answered with errors, and the daemon goes on to finish the round.
+//! - Distributed DP (`[privacy.dp] mode = "distributed"`): five SDK devices and one scripted
+//!   device with an oversized update clip and noise their updates; the daemon's mean differs
+//!   from the mean of the clipped updates (recomputed here in the clear) by noise of the
+//!   calibrated standard deviation, the oversized update counts clipped, and the round's
+//!   summary carries ε and the noise.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -19,6 +25,9 @@ use fedtune_shared::lora::adapter::{AdapterWeights, LoraScaling, TargetModule};
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::TrainConfig;
+use fedtune_shared::privacy::clipping::{ClipNorm, clip_l2, l2_norm};
+use fedtune_shared::privacy::dp::{DpConfig, DpMechanism};
+use fedtune_shared::privacy::gaussian::NoiseMode;
 use fedtune_shared::privacy::secagg::{
     MaskedInput, SecAggClient, SecAggConfig, ShareBundle, UnmaskResponse,
 };
@@ -26,7 +35,9 @@ use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::auth::PLAN_LABEL;
 use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::decode_body;
-use fedtune_shared::protocol::secure::{SecAggDownload, SecAggUpload, weighted_input};
+use fedtune_shared::protocol::secure::{
+    SecAggDownload, SecAggUpload, secure_input, weighted_input,
+};
 use fedtune_shared::protocol::{BlobRef, Digest, Task};
 use fedtune_shared::protocol::{
     Capabilities, DeviceId, EnrollRequest, ErrorCode, LocalStats, Plan, PollRequest, Report,
@@ -35,8 +46,11 @@ use fedtune_shared::protocol::{
 use fedtune_shared::robust::flat::adapter_delta;
 use fedtune_shared::robust::flat::dense_seed_grads;
 use fedtune_shared::transport::TransportError;
-use fedtune_shared::zo::round::{ClientReport, ZoServer};
+use fedtune_shared::zo::federation::local_round;
+use fedtune_shared::zo::round::{ClientReport, ZoRunConfig, ZoServer};
+use fedtune_shared::zo::seed_pool::SeedPool;
 use fedtune_tests::network::*;
+use rand::SeedableRng;
 
 /// Devices per round: five SDKs and one scripted device.
 const DEVICES: usize = 6;
@@ -149,25 +163,29 @@ fn stats(samples: u64) -> LocalStats {
     }
 }
 
+/// An SDK device's task.
+type DeviceTask = tokio::task::JoinHandle<Result<Outcome, fedtune_client::ClientError>>;
+
 /// Starts the five SDK devices (keys from fixed seeds, so both runs have the same device ids
-/// and local seeds) and returns their tasks.
+/// and local seeds) and returns their tasks and their training data by device id.
 async fn start_sdk_devices(
     server: &TestServer,
     dir: &Path,
     model: &Path,
-) -> Vec<tokio::task::JoinHandle<Result<Outcome, fedtune_client::ClientError>>> {
+) -> (Vec<DeviceTask>, BTreeMap<DeviceId, Vec<Vec<u32>>>) {
     let mut tasks = Vec::new();
+    let mut data_of = BTreeMap::new();
     for c in 0..DEVICES - 1 {
         let state = dir.join(format!("device{c}"));
         StateDir::open(&state)
             .and_then(|d| d.provision_key(&SigningKey::from_seed(&[c as u8 + 1; 32]).unwrap()))
             .expect("provision key");
         let data = counting((c as u32 * 7)..(c as u32 * 7 + 6), 10);
-        let (mut sdk, _handle) = client(server.identity(), &state, model, data);
-        sdk.enroll(TOKEN).await.expect("enroll");
+        let (mut sdk, _handle) = client(server.identity(), &state, model, data.clone());
+        data_of.insert(sdk.enroll(TOKEN).await.expect("enroll"), data);
         tasks.push(tokio::spawn(async move { sdk.run().await }));
     }
-    tasks
+    (tasks, data_of)
 }
 
 /// The daemon's configuration for one of the runs.
@@ -206,7 +224,7 @@ where
     Fut: std::future::Future<Output = (Vec<f32>, Report, Connection)>,
 {
     let server = TestServer::start(config(&dir.join("server"), model, algorithm, secure));
-    let tasks = start_sdk_devices(&server, dir, model).await;
+    let (tasks, _) = start_sdk_devices(&server, dir, model).await;
     let scripted = Scripted::enroll(&server, model, 99).await;
     let plan = scripted.plan().await;
     let round = plan.round;
@@ -776,4 +794,209 @@ fn a_restart_mid_session_runs_the_round_again() {
         let secure = plan_of(&core, session);
         assert_eq!(secure.config.session, 1);
     }
+}
+
+/// K of the DP round: enough values for a tight estimate of the noise's standard deviation.
+const DP_K: u32 = 1024;
+
+/// Distributed DP at z = 1, C = 1, 1000 devices to sample from.
+fn distributed_dp() -> DpConfig {
+    DpConfig {
+        clip: ClipNorm::fixed(1.0),
+        noise_multiplier: 1.0,
+        mode: NoiseMode::Distributed,
+        delta: 1e-5,
+        population: 1000,
+    }
+}
+
+/// Mean and standard deviation.
+fn moments(x: &[f64]) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let var = x.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_dp_round_clips_noises_and_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let run = ZoRunConfig {
+        k: DP_K,
+        ..fedkseed_run()
+    };
+    let k = DP_K as usize;
+    let algorithm = AlgorithmConfig::Fedkseed {
+        run: run.clone(),
+        batch_size: 1,
+    };
+    let mut config = config(&dir.path().join("server"), &model, algorithm, true);
+    config.privacy.dp = Some(distributed_dp());
+    config.check().expect("a valid configuration");
+    let server = TestServer::start(config.clone());
+    let (tasks, data) = start_sdk_devices(&server, dir.path(), &model).await;
+    let scripted = Scripted::enroll(&server, &model, 99).await;
+    let plan = scripted.plan().await;
+    let round = plan.round;
+    let secure = plan.secure.expect("a secure plan");
+    let noise = secure.dp.expect("the plan carries the devices' DP");
+    // Every device closes phase 1 (min_reports = 6) and the graph is full: with δ = 0.3 any
+    // sum the daemon can unmask holds at least 6 − ⌊1.8⌋ = 5 devices.
+    assert_eq!(noise.min_clients, 5);
+    assert_eq!(noise, distributed_dp().distributed_noise(5));
+
+    // The scripted device: an update of norm 506 on three seeds, through the SDK's function.
+    let raw = [(1u32, 300.0f32), (17, -400.0), (40, 75.0)];
+    let inner = ClientReport {
+        round,
+        seed_grads: raw.to_vec(),
+        step_grads: Vec::new(),
+        samples: u64::from(run.tau),
+    };
+    let flat = dense_seed_grads(&inner, run.k);
+    let mut noise_rng = rand_chacha::ChaCha20Rng::from_seed(rand::random());
+    let (input, norm) = secure_input(
+        &flat,
+        &[],
+        inner.samples,
+        secure.max_samples,
+        Some(&noise),
+        &mut noise_rng,
+    );
+    assert!(norm.is_some_and(|n| n > 500.0), "{norm:?}");
+    let (mut machine, advert) = SecAggClient::new(secure.config, secure.id, rand::random());
+    scripted
+        .send(round, SecAggUpload::Advertise(advert))
+        .await
+        .expect("advertise");
+    let SecAggDownload::NeighbourKeys(keys) = scripted.next(round).await else {
+        panic!("expected neighbour keys");
+    };
+    let bundle = machine.handle_neighbour_keys(keys).expect("share");
+    scripted
+        .send(round, SecAggUpload::Shares(bundle))
+        .await
+        .expect("shares");
+    let SecAggDownload::ForwardedShares(shares) = scripted.next(round).await else {
+        panic!("expected shares");
+    };
+    let masked = machine
+        .handle_forwarded_shares(shares, &input)
+        .expect("mask");
+    scripted
+        .send(
+            round,
+            SecAggUpload::Masked {
+                input: masked,
+                stats: stats(inner.samples),
+            },
+        )
+        .await
+        .expect("masked input");
+    let SecAggDownload::UnmaskRequest(request) = scripted.next(round).await else {
+        panic!("expected the unmask request");
+    };
+    let response = machine.handle_unmask_request(request).expect("reveal");
+    scripted
+        .send(round, SecAggUpload::Unmask(response))
+        .await
+        .expect("unmask");
+    for task in tasks {
+        let outcome = task.await.expect("device task").expect("device run");
+        assert_eq!(outcome, Outcome::Finished { last_round: 1 });
+    }
+    let summaries = server.core.store().round_summaries().expect("summaries");
+    let summary: RoundSummary = decode_body(&summaries[0].1).expect("summary");
+    // With DP the state is the history and the accountant (so ε survives a restart).
+    let (state, _): (ZoServer, DpMechanism) =
+        decode_body(&server.core.algorithm_state()).expect("history and DP state");
+    server.stop().await;
+
+    // The round's summary: ε of one round of 6 sampled from 1000, the noise, the cost.
+    let privacy = summary.privacy.expect("DP recorded");
+    let mut accountant = DpMechanism::new(distributed_dp()).expect("dp");
+    let expected_epsilon = accountant.record_round(DEVICES, 1.0).epsilon;
+    assert!(privacy.epsilon > 0.0);
+    assert!(
+        (privacy.epsilon - expected_epsilon).abs() < 1e-12,
+        "{privacy:?}"
+    );
+    assert_eq!(privacy.noise_std, 1.0);
+    assert_eq!(privacy.device_noise_std, Some(noise.noise_std));
+    assert_eq!((privacy.clip_norm, privacy.delta), (1.0, 1e-5));
+    let cost = summary.secure.expect("secure cost");
+    assert_eq!(
+        (cost.clients, cost.dropped, summary.reports),
+        (DEVICES, 0, DEVICES)
+    );
+
+    // The mean in the clear: every device's update clipped to C (the SDK devices' recomputed
+    // from their data and local seeds, as the daemon's plans made them train).
+    let pool = SeedPool::new(run.run_seed, k);
+    let global = load_model(&model);
+    let zo_plan = ZoServer::new(run.clone()).plan(0);
+    let mut clear = vec![0.0f64; k];
+    let mut updates = Vec::new();
+    for (id, sequences) in &data {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(fedtune_server::daemon::local_seed(
+            config.rounds.seed,
+            round,
+            *id,
+        ));
+        let (report, _) = local_round(&global, &zo_plan, &pool, sequences, 1, 0, &mut rng);
+        updates.push(dense_seed_grads(&report, run.k));
+    }
+    updates.push(flat.clone());
+    let mut norms = Vec::new();
+    for mut u in updates {
+        norms.push(clip_l2(&mut u, 1.0));
+        clear
+            .iter_mut()
+            .zip(&u)
+            .for_each(|(c, &v)| *c += f64::from(v) / DEVICES as f64);
+    }
+    // The daemon's mean minus the clear mean is the noise: N(0, σ²) with σ the devices' shares
+    // summed over 6 and divided by 6, z · C · √(6 / 5) / 6 ≈ 0.183 (quantization: ~1e-7).
+    let residual: Vec<f64> = state
+        .history()
+        .iter()
+        .zip(&clear)
+        .map(|(&h, &c)| f64::from(h) - c)
+        .collect();
+    let (mean, std) = moments(&residual);
+    let expected = noise.sum_std(DEVICES) / DEVICES as f64;
+    eprintln!(
+        "distributed DP: noise std {std:.4} measured over {k} values, {expected:.4} expected; \
+         mean {mean:.4}; update norms before clipping {norms:.3?}; ε {:.4}",
+        privacy.epsilon
+    );
+    // The standard error of a standard deviation over 1024 values is 2.2%: ±15% is ~7 of them.
+    assert!(
+        (std / expected - 1.0).abs() < 0.15,
+        "noise std {std}, {expected} expected"
+    );
+    assert!(
+        mean.abs() < 5.0 * expected / (k as f64).sqrt(),
+        "noise mean {mean}"
+    );
+    // The oversized update counts clipped: its seeds sit within noise of the clipped mean,
+    // nowhere near its raw values / 6.
+    for (s, g) in raw {
+        let h = f64::from(state.history()[s as usize]);
+        assert!(
+            (h - clear[s as usize]).abs() < 6.0 * expected,
+            "seed {s}: {h}"
+        );
+        assert!(
+            (h - f64::from(g) / DEVICES as f64).abs() > 10.0,
+            "seed {s}: {h}"
+        );
+    }
+    // The mean's norm: at most C from the clipped updates, plus the noise's.
+    let history_norm = l2_norm(state.history());
+    assert!(
+        history_norm <= 1.0 + 1.2 * expected * (k as f64).sqrt(),
+        "{history_norm}"
+    );
 }

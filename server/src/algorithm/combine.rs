@@ -4,14 +4,22 @@
 //! accumulated scalar gradients; LoRA: adapter minus the global adapter) and apply the result.
 //! The DP state (adaptive clipping norm, accountant) is part of the algorithm's stored state,
 //! so ε keeps counting across restarts.
+//!
+//! Under secure aggregation with distributed DP the devices clip and noise their own updates;
+//! the combiner then only says what they must add ([`UpdateCombiner::distributed_noise`]) and
+//! records each unmasked round ([`UpdateCombiner::account_secure`]).
 
-use fedtune_shared::privacy::dp::{DpConfig, DpMechanism, RoundPrivacy};
+use std::time::Instant;
+
+use fedtune_shared::privacy::dp::{DistributedNoise, DpConfig, DpMechanism, RoundPrivacy};
+use fedtune_shared::privacy::gaussian::NoiseMode;
 use fedtune_shared::protocol::frame::decode_body;
 use fedtune_shared::robust::RobustRule;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::AlgorithmError;
+use crate::secure::SecureAggregate;
 
 /// The robust rule and the DP mechanism of a run.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +88,15 @@ impl UpdateCombiner {
         weights: &[f64],
     ) -> Result<(Vec<f32>, Option<RoundPrivacy>), AlgorithmError> {
         if let Some(dp) = &mut self.dp {
+            if dp.config().mode == NoiseMode::Distributed {
+                // Refused at configuration load; a sum without the devices' noise must not
+                // pass for a private one.
+                return Err(AlgorithmError::Aggregation(
+                    "distributed DP noise is added by devices under secure aggregation; \
+                     this round was aggregated in the clear"
+                        .into(),
+                ));
+            }
             // Fresh OS randomness for the noise: noise an observer could predict protects
             // nothing.
             let seed = fedtune_shared::privacy::secagg::os_seed()
@@ -93,5 +110,49 @@ impl UpdateCombiner {
             .aggregate(&refs, weights)
             .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
         Ok((combined, None))
+    }
+
+    /// What each device adds under distributed DP when at least `min_clients` devices are in
+    /// every sum (`None` without DP or in central mode).
+    pub fn distributed_noise(&self, min_clients: usize) -> Option<DistributedNoise> {
+        self.dp.as_ref()?.distributed_noise(min_clients)
+    }
+
+    /// Records a secure round's DP in the accountant and reports what it spent (`None` without
+    /// DP): the devices clipped and noised their updates, the server only accounts (its time
+    /// is the cost; no extra bytes).
+    ///
+    /// # Errors
+    ///
+    /// [`AlgorithmError::Aggregation`] when the session's DP settings are not the run's, or the
+    /// sum holds fewer devices than the noise was calibrated to (its noise would be below the
+    /// guarantee: the round must not be used).
+    pub fn account_secure(
+        &mut self,
+        aggregate: &SecureAggregate,
+    ) -> Result<Option<RoundPrivacy>, AlgorithmError> {
+        let started = Instant::now();
+        match (&mut self.dp, &aggregate.dp) {
+            (None, None) => Ok(None),
+            (Some(dp), Some(noise)) if dp.config().mode == NoiseMode::Distributed => {
+                let clients = aggregate.cost.clients;
+                if clients < noise.min_clients {
+                    return Err(AlgorithmError::Aggregation(format!(
+                        "only {clients} devices' noise in the sum, at least {} needed for the \
+                         DP guarantee",
+                        noise.min_clients
+                    )));
+                }
+                let spent = dp.record_round(aggregate.sampled.max(clients), noise.clip_norm);
+                Ok(Some(RoundPrivacy {
+                    device_noise_std: Some(noise.noise_std),
+                    server_s: started.elapsed().as_secs_f64(),
+                    ..spent
+                }))
+            }
+            _ => Err(AlgorithmError::Aggregation(
+                "the secure session's differential privacy differs from the run's".into(),
+            )),
+        }
     }
 }

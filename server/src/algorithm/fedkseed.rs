@@ -4,8 +4,9 @@
 
 use std::time::Instant;
 
-use fedtune_shared::privacy::dp::DpMechanism;
+use fedtune_shared::privacy::dp::{DistributedNoise, DpMechanism};
 use fedtune_shared::protocol::frame::{decode_body, encode_body};
+use fedtune_shared::protocol::secure::fedkseed_secure_len;
 use fedtune_shared::protocol::{DeviceId, Report, ReportPayload, Task};
 use fedtune_shared::robust::RobustRule;
 use fedtune_shared::robust::flat::dense_seed_grads;
@@ -242,11 +243,17 @@ impl ServerAlgorithm for FedKSeed {
     }
 
     fn secure_vector_len(&self) -> Option<usize> {
-        Some(self.server.config().k as usize)
+        // FedKSeed-Pro without DP appends its importance statistics to the update.
+        let dp = self.combiner.dp_state().is_some();
+        Some(fedkseed_secure_len(self.server.config(), dp))
     }
 
     fn max_samples(&self) -> u64 {
         self.server.config().tau as u64 * self.batch_size as u64
+    }
+
+    fn distributed_noise(&self, min_clients: usize) -> Option<DistributedNoise> {
+        self.combiner.distributed_noise(min_clients)
     }
 
     fn aggregate_secure(
@@ -255,28 +262,26 @@ impl ServerAlgorithm for FedKSeed {
     ) -> Result<RoundSummary, AlgorithmError> {
         let start = Instant::now();
         let round = self.server.round();
-        let mean = secure_mean(aggregate, self.server.config().k as usize)?;
-        // FedKSeed-Pro's importance needs each seed's gradients; a secure round has only their
-        // weighted mean per seed, which then stands for the round's gradients of that seed.
-        let pro = if self.server.config().pro {
-            vec![ClientReport {
-                round,
-                seed_grads: Vec::new(),
-                step_grads: mean
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &v)| v != 0.0 && v.is_finite())
-                    .map(|(s, &v)| (s as u32, v))
-                    .collect(),
-                samples: 1,
-            }]
-        } else {
-            Vec::new()
-        };
+        let k = self.server.config().k as usize;
+        let len = self.secure_vector_len().unwrap_or(k);
+        let mean = secure_mean(aggregate, len)?;
+        // Checked before anything changes: a sum that cannot be used leaves the state as it was.
+        let mut combiner = self.combiner.clone();
+        let privacy = combiner.account_secure(aggregate)?;
+        // FedKSeed-Pro's importance: the summed statistics after the update (not divided by
+        // the weight), or under DP the noised mean itself (see `ZoServer::apply_secure_mean`).
+        let statistics = (len > k).then(|| &aggregate.sum[k..]);
         let mut next = self.server.clone();
-        next.apply_mean(&pro, &mean);
+        next.apply_secure_mean(
+            &mean[..k],
+            statistics,
+            aggregate.cost.clients,
+            aggregate.clip,
+        );
         self.server = next;
+        self.combiner = combiner;
         Ok(RoundSummary {
+            privacy,
             secure: Some(aggregate.cost),
             ..RoundSummary::of_stats(round, aggregate.stats.iter().map(|(_, s)| s), start)
         })

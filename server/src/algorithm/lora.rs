@@ -17,7 +17,7 @@ use fedtune_shared::lora::aggregation::{AggregationStrategy, ClientAdapter};
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::federation::{adapter_for_rank, aggregate_to_rank};
 use fedtune_shared::lora::train::TrainConfig;
-use fedtune_shared::privacy::dp::DpMechanism;
+use fedtune_shared::privacy::dp::{DistributedNoise, DpMechanism};
 use fedtune_shared::protocol::adapter_blob::{decode_adapter, encode_adapter};
 use fedtune_shared::protocol::frame::{decode_body, encode_body};
 use fedtune_shared::protocol::{
@@ -510,6 +510,10 @@ impl ServerAlgorithm for Lora {
         (self.settings.local_steps * self.settings.train.batch_size.max(1)) as u64
     }
 
+    fn distributed_noise(&self, min_clients: usize) -> Option<DistributedNoise> {
+        self.combiner.distributed_noise(min_clients)
+    }
+
     fn aggregate_secure(
         &mut self,
         aggregate: &SecureAggregate,
@@ -520,6 +524,9 @@ impl ServerAlgorithm for Lora {
             .secure_vector_len()
             .ok_or_else(|| AlgorithmError::Aggregation("not a single-rank FedAvg run".into()))?;
         let mean = secure_mean(aggregate, len)?;
+        // Checked before anything changes: a sum that cannot be used leaves the state as it was.
+        let mut combiner = self.combiner.clone();
+        let privacy = combiner.account_secure(aggregate)?;
         let mut next = self.state.clone();
         next.global = apply_adapter_delta(&self.state.global, &mean)
             .map_err(|e| AlgorithmError::Aggregation(e.to_string()))?;
@@ -538,12 +545,14 @@ impl ServerAlgorithm for Lora {
         next.assigned.clear();
         next.round += 1;
         self.state = next;
+        self.combiner = combiner;
         tracing::info!(
             round,
             clients = aggregate.stats.len(),
             "LoRA round aggregated from a secure sum"
         );
         Ok(RoundSummary {
+            privacy,
             secure: Some(aggregate.cost),
             ..RoundSummary::of_stats(round, aggregate.stats.iter().map(|(_, s)| s), start)
         })

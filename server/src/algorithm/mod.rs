@@ -7,7 +7,7 @@ pub mod fedkseed;
 pub mod fedspine;
 pub mod lora;
 
-use fedtune_shared::privacy::dp::RoundPrivacy;
+use fedtune_shared::privacy::dp::{DistributedNoise, RoundPrivacy};
 use fedtune_shared::protocol::{DeviceId, ErrorCode, LocalStats, Report, Task, WireError};
 use serde::{Deserialize, Serialize};
 
@@ -135,6 +135,12 @@ pub trait ServerAlgorithm: Send {
     /// `samples / max_samples`).
     fn max_samples(&self) -> u64;
 
+    /// Under distributed DP, what each device adds to its update before masking when at least
+    /// `min_clients` devices are in every sum; `None` otherwise.
+    fn distributed_noise(&self, _min_clients: usize) -> Option<DistributedNoise> {
+        None
+    }
+
     /// Advances from a secure round's sum of weighted updates (see
     /// [`fedtune_shared::protocol::secure::weighted_input`]).
     fn aggregate_secure(
@@ -147,7 +153,8 @@ pub trait ServerAlgorithm: Send {
     }
 }
 
-/// The sample-weighted mean update of a secure sum, checked against the expected length.
+/// The mean of a secure sum (divided by its weight: the sample-weighted mean, or under DP the
+/// equal-weight mean), checked against the expected length.
 pub(crate) fn secure_mean(
     aggregate: &SecureAggregate,
     len: usize,

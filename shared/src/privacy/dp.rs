@@ -6,13 +6,27 @@
 //! Equal weights because the noise is calibrated to one client's largest influence on the sum,
 //! the clipping norm; sample-count weights would let one client's weight, and so its influence,
 //! grow without bound.
+//!
+//! In [`NoiseMode::Distributed`] (under secure aggregation, where the server never sees one
+//! update) the clipping and the noise move to the devices: each applies [`DistributedNoise`]
+//! to its own update before masking it, and the server only divides the unmasked sum by the
+//! number of devices in it and records the round ([`DpMechanism::record_round`]).
+
+use std::time::Instant;
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use super::accountant::{Conversion, RdpAccountant};
-use super::clipping::{ClipNorm, Clipper};
+use super::clipping::{ClipNorm, Clipper, clip_l2};
 use super::gaussian::{NoiseMode, add_gaussian_noise, distributed_share_std};
+
+/// How many of its noise share's standard deviations a device's value may stray beyond the
+/// clipping norm before the secure sum's quantizer would cut it: `P(|N(0, 1)| > 8)` is about
+/// 1.2e-15, so no value of any device in any round is cut in practice (a cut value would shrink
+/// the noise the guarantee counts on). Configurations must give the quantizer that much room
+/// ([`DistributedNoise::value_bound`]).
+pub const NOISE_TAIL_STDS: f64 = 8.0;
 
 /// Differential-privacy settings, as written in a server or simulation configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -42,6 +56,12 @@ pub enum DpError {
 }
 
 impl DpConfig {
+    /// What each device adds in [`NoiseMode::Distributed`] when at least `min_clients` devices'
+    /// shares are in every sum the server can unmask, at the configured (first round's) norm.
+    pub fn distributed_noise(&self, min_clients: usize) -> DistributedNoise {
+        DistributedNoise::new(self.clip.norm, self.noise_multiplier, min_clients)
+    }
+
     /// Checks ranges.
     ///
     /// # Errors
@@ -70,19 +90,95 @@ impl DpConfig {
     }
 }
 
+/// What one device does to its update in [`NoiseMode::Distributed`], as a secure plan carries
+/// it: clip the whole update vector to L2 norm `clip_norm`, then add `N(0, noise_std²)` to every
+/// value, drawn from randomness the server cannot know ([`Self::apply`]).
+///
+/// `noise_std = z · clip_norm / √min_clients`: any `n ≥ min_clients` devices' shares add up to a
+/// standard deviation `z · clip_norm · √(n / min_clients) ≥ z · clip_norm` on the sum, the
+/// central mechanism's. The guarantee assumes the devices in the sum add their shares (a device
+/// that skips its own weakens it by its share).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DistributedNoise {
+    /// `C`: the L2 norm a device's update is clipped to.
+    pub clip_norm: f64,
+    /// Standard deviation of the noise each device adds to every value.
+    pub noise_std: f64,
+    /// The fewest devices whose shares are in any sum the server can unmask (what `noise_std`
+    /// is calibrated to; the server refuses a sum of fewer).
+    pub min_clients: usize,
+}
+
+impl DistributedNoise {
+    /// The shares for noise multiplier `z` at norm `clip_norm` when at least `min_clients`
+    /// (at least 1) devices are in every sum.
+    pub fn new(clip_norm: f64, noise_multiplier: f64, min_clients: usize) -> Self {
+        let min_clients = min_clients.max(1);
+        Self {
+            clip_norm,
+            noise_std: distributed_share_std(noise_multiplier * clip_norm, min_clients),
+            min_clients,
+        }
+    }
+
+    /// Checks what a device is asked to do (it comes from the server): a positive, finite norm
+    /// and noise, and at least one device.
+    ///
+    /// # Errors
+    ///
+    /// [`DpError::Invalid`] otherwise.
+    pub fn validate(&self) -> Result<(), DpError> {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !(positive(self.clip_norm) && positive(self.noise_std) && self.min_clients > 0) {
+            return Err(DpError::Invalid(format!(
+                "distributed noise: clip norm {}, noise std {}, {} clients",
+                self.clip_norm, self.noise_std, self.min_clients
+            )));
+        }
+        Ok(())
+    }
+
+    /// The standard deviation on a sum of `clients` devices' shares.
+    pub fn sum_std(&self, clients: usize) -> f64 {
+        self.noise_std * (clients as f64).sqrt()
+    }
+
+    /// How far from zero a device's clipped and noised value may go before it counts as an
+    /// outlier: `clip_norm + NOISE_TAIL_STDS · noise_std` (every value of a vector of norm
+    /// `C` is within `[-C, C]`). The secure sum's clipping range must be at least this.
+    pub fn value_bound(&self) -> f64 {
+        self.clip_norm + NOISE_TAIL_STDS * self.noise_std
+    }
+
+    /// Clips `update` to [`Self::clip_norm`] and adds this device's noise share; returns the
+    /// update's norm before clipping (non-finite values count as 0, see [`clip_l2`]).
+    pub fn apply(&self, update: &mut [f32], rng: &mut impl RngCore) -> f64 {
+        let norm = clip_l2(update, self.clip_norm);
+        add_gaussian_noise(update, self.noise_std, rng);
+        norm
+    }
+}
+
 /// What DP did in one round, kept with the round's summary.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RoundPrivacy {
     /// The norm updates were clipped to.
     pub clip_norm: f64,
-    /// Standard deviation of the noise on the sum.
+    /// Standard deviation of the noise on the sum, `z · C` (in distributed mode the least the
+    /// devices' shares add up to: `device_noise_std · √n` for `n` devices in the sum).
     pub noise_std: f64,
-    /// Clients whose updates were clipped.
+    /// With distributed noise: the standard deviation each device added (`None`: central).
+    pub device_noise_std: Option<f64>,
+    /// Clients whose updates were clipped (0 in distributed mode: the server never sees an
+    /// update's norm).
     pub clipped: usize,
     /// ε of the run so far, for [`Self::delta`].
     pub epsilon: f64,
     /// δ.
     pub delta: f64,
+    /// Seconds the server spent on DP this round: clipping, noise and the accountant in
+    /// central mode, the accountant alone in distributed mode (no extra bytes either way).
+    pub server_s: f64,
 }
 
 /// A run's DP state: the clipping norm and the accountant.
@@ -122,6 +218,18 @@ impl DpMechanism {
         )
     }
 
+    /// What each device does in [`NoiseMode::Distributed`] at the current clipping norm, when
+    /// at least `min_clients` devices' shares are in every sum; `None` in central mode.
+    pub fn distributed_noise(&self, min_clients: usize) -> Option<DistributedNoise> {
+        (self.config.mode == NoiseMode::Distributed).then(|| {
+            DistributedNoise::new(
+                self.clipper.norm(),
+                self.config.noise_multiplier,
+                min_clients,
+            )
+        })
+    }
+
     /// The round's private mean of `updates`: each clipped, summed, noised (in
     /// [`NoiseMode::Central`]; in distributed mode the clients added theirs) and divided by
     /// the number of clients. Records the round; returns the mean and what was spent.
@@ -130,6 +238,7 @@ impl DpMechanism {
         mut updates: Vec<Vec<f32>>,
         rng: &mut impl RngCore,
     ) -> (Vec<f32>, RoundPrivacy) {
+        let started = Instant::now();
         let n = updates.len();
         let clip_norm = self.clipper.norm();
         let norms = self.clipper.clip_round(&mut updates);
@@ -150,6 +259,7 @@ impl DpMechanism {
             mean,
             RoundPrivacy {
                 clipped: norms.iter().filter(|&&x| x > clip_norm).count(),
+                server_s: started.elapsed().as_secs_f64(),
                 ..privacy
             },
         )
@@ -158,6 +268,7 @@ impl DpMechanism {
     /// Records one round of `sampled` clients at `clip_norm` in the accountant (for drivers
     /// that clip and noise elsewhere, e.g. under secure aggregation) and reports ε so far.
     pub fn record_round(&mut self, sampled: usize, clip_norm: f64) -> RoundPrivacy {
+        let started = Instant::now();
         let q = (sampled as f64 / self.config.population as f64).min(1.0);
         self.accountant.compose(q, self.config.noise_multiplier, 1);
         let (epsilon, _) = self
@@ -172,9 +283,11 @@ impl DpMechanism {
         RoundPrivacy {
             clip_norm,
             noise_std: self.config.noise_multiplier * clip_norm,
+            device_noise_std: None,
             clipped: 0,
             epsilon,
             delta: self.config.delta,
+            server_s: started.elapsed().as_secs_f64(),
         }
     }
 }
@@ -209,5 +322,83 @@ mod tests {
             ..config
         };
         assert!(DpMechanism::new(bad).is_err());
+    }
+
+    /// Mean and standard deviation of `x`.
+    fn moments(x: &[f32]) -> (f64, f64) {
+        let n = x.len() as f64;
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn a_device_share_is_clipped_then_noised_at_the_calibrated_std() {
+        // z = 1.5, C = 2, at least 9 devices: each adds std 1.5 · 2 / 3 = 1.
+        let noise = DistributedNoise::new(2.0, 1.5, 9);
+        assert!((noise.noise_std - 1.0).abs() < 1e-12);
+        assert!((noise.sum_std(9) - 3.0).abs() < 1e-12);
+        assert!((noise.value_bound() - (2.0 + NOISE_TAIL_STDS)).abs() < 1e-12);
+        noise.validate().expect("valid");
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        // A long update of norm 2000, every value 2000 / √n: clipped to norm 2 first.
+        let n = 40_000;
+        let big = 2000.0 / (n as f32).sqrt();
+        let mut update = vec![big; n];
+        let norm = noise.apply(&mut update, &mut rng);
+        assert!((norm - 2000.0).abs() < 1e-2, "{norm}");
+        // What is left is the clipped value (2 / √n = 0.01) plus N(0, 1) noise.
+        let (mean, std) = moments(&update);
+        assert!((mean - 0.01).abs() < 0.02, "mean {mean}");
+        assert!((std - 1.0).abs() < 0.02, "std {std}");
+        // Without noise the clipped vector has exactly the clipping norm; a short update is not
+        // scaled, and non-finite values count as 0.
+        let exact = DistributedNoise {
+            noise_std: 0.0,
+            ..noise
+        };
+        let mut update = vec![3.0f32, 4.0, f32::NAN];
+        assert_eq!(exact.apply(&mut update, &mut rng), 5.0);
+        assert!((super::super::clipping::l2_norm(&update) - 2.0).abs() < 1e-6);
+        let mut small = vec![0.5f32, -0.5];
+        exact.apply(&mut small, &mut rng);
+        assert_eq!(small, vec![0.5, -0.5]);
+        assert!(exact.validate().is_err(), "a plan without noise is refused");
+    }
+
+    #[test]
+    fn distributed_shares_of_enough_devices_reach_the_central_std() {
+        let config = DpConfig {
+            clip: ClipNorm::fixed(0.5),
+            noise_multiplier: 2.0,
+            mode: NoiseMode::Distributed,
+            delta: 1e-5,
+            population: 100,
+        };
+        let mut dp = DpMechanism::new(config).expect("valid");
+        let noise = dp.distributed_noise(4).expect("distributed");
+        assert_eq!(noise, config.distributed_noise(4));
+        // Four devices with zero updates: the sum's noise has the central std z · C = 1.
+        let mut rng = ChaCha20Rng::seed_from_u64(12);
+        let mut sum = vec![0.0f32; 50_000];
+        for _ in 0..4 {
+            let mut share = vec![0.0f32; sum.len()];
+            noise.apply(&mut share, &mut rng);
+            sum.iter_mut().zip(&share).for_each(|(s, v)| *s += v);
+        }
+        let (_, std) = moments(&sum);
+        assert!((std - 1.0).abs() < 0.02, "std {std}");
+        let spent = dp.record_round(4, noise.clip_norm);
+        assert!(spent.epsilon > 0.0 && spent.noise_std == 1.0);
+        let central = DpMechanism::new(DpConfig {
+            mode: NoiseMode::Central,
+            ..config
+        })
+        .expect("valid");
+        assert_eq!(central.distributed_noise(4), None);
     }
 }

@@ -109,6 +109,27 @@ impl SecAggConfig {
     pub fn threshold(&self, m: usize) -> usize {
         m - (self.max_dropout * m as f64).floor() as usize
     }
+
+    /// The fewest clients whose inputs are in any sum the server can unmask once at least
+    /// `min_advertised` clients advertised keys: see [`min_survivors`].
+    pub fn min_survivors(&self, min_advertised: usize) -> usize {
+        min_survivors(self.degree, self.max_dropout, min_advertised)
+    }
+}
+
+/// The fewest clients whose inputs are in any sum a session can unmask, when at least
+/// `min_advertised` clients advertised keys, for a graph of `degree` and a drop-out fraction
+/// `max_dropout`. Distributed DP noise calibrated to it holds whenever the server can unmask
+/// at all.
+///
+/// The server unmasks only if every client in the sum keeps at least the threshold
+/// `t(m) = m − ⌊δ·m⌋` of its neighbourhood in the sum ([`SecAggServer::close_masked_inputs`]),
+/// so any sum holds at least `t(m)` inputs. `t` grows with `m`, the neighbourhood's size: the
+/// whole session `n ≥ max(min_advertised, 3)` in the full graph, `2⌊degree/2⌋ + 1` in the sparse
+/// one. The least is `t(min(max(min_advertised, 3), 2⌊degree/2⌋ + 1))`.
+pub fn min_survivors(degree: usize, max_dropout: f64, min_advertised: usize) -> usize {
+    let m = min_advertised.max(3).min(2 * (degree / 2) + 1);
+    m - (max_dropout.clamp(0.0, 0.5) * m as f64).floor() as usize
 }
 
 /// What went wrong in a session. Errors from a peer's message leave the machine as it was.

@@ -49,7 +49,7 @@ pub use frame::FrameError;
 pub use message::*;
 
 /// The protocol version this build speaks. Bump it on any change to a message's encoding.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The largest request frame a server accepts: requests are small (reports of FedKSeed are a
 /// few KB, larger payloads go as blobs).

@@ -13,7 +13,7 @@ use burn::module::Module;
 use serde::{Deserialize, Serialize};
 
 use super::perturb::add_noise;
-use super::seed_pool::{SeedPool, SeedSampling, pro_probabilities};
+use super::seed_pool::{PRO_CLIP, SeedPool, SeedSampling, pro_probabilities};
 use crate::noise::{NoiseDistribution, SeedNoise};
 
 /// A run's fixed settings, shared by server and clients.
@@ -187,6 +187,37 @@ impl ClientReport {
     }
 }
 
+/// FedKSeed-Pro under secure aggregation: one device's importance statistics, which it masks
+/// after its update so that the server learns only their sum over the round's devices. `2K`
+/// values: for each seed the summed `|g|` of its per-step values (clamped to `±PRO_CLIP`, as
+/// the importance clamps them), then for each seed how many per-step values it has; both scaled
+/// into `[0, clip]` (by `clip / (τ · PRO_CLIP)` and `clip / τ`: a device has at most τ
+/// per-step values), the secure sum's range. [`ZoServer::apply_secure_mean`] undoes the scaling.
+pub fn pro_statistics(report: &ClientReport, config: &ZoRunConfig, clip: f32) -> Vec<f32> {
+    let k = config.k as usize;
+    let (abs_scale, count_scale) = pro_scales(config, clip);
+    let mut sums = vec![0.0f64; k];
+    let mut counts = vec![0.0f64; k];
+    for &(s, g) in &report.step_grads {
+        let s = s as usize;
+        if s < k {
+            sums[s] += f64::from(g.clamp(-PRO_CLIP, PRO_CLIP).abs());
+            counts[s] += 1.0;
+        }
+    }
+    sums.iter()
+        .map(|v| (v * abs_scale) as f32)
+        .chain(counts.iter().map(|c| (c * count_scale) as f32))
+        .collect()
+}
+
+/// The scales of [`pro_statistics`]: summed `|g|` and counts to `[0, clip]`.
+fn pro_scales(config: &ZoRunConfig, clip: f32) -> (f64, f64) {
+    let tau = f64::from(config.tau.max(1));
+    let clip = f64::from(clip);
+    (clip / (tau * f64::from(PRO_CLIP)), clip / tau)
+}
+
 /// The server's side of FedKSeed: the history and the rounds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ZoServer {
@@ -302,6 +333,86 @@ impl ZoServer {
         self.close_round(changes)
     }
 
+    /// Closes a secure round: `mean` (the first K values of the unmasked sum, divided by the
+    /// devices' weight) is `ΔH`. Under FedKSeed-Pro, `statistics` (the sum's remaining 2K
+    /// values, not divided: the summed [`pro_statistics`] of the round's `clients` devices,
+    /// `clip` the range they were scaled into) feed the importance as [`Self::aggregate`] feeds it every
+    /// per-step value: `count` entries of their mean `|g|` per seed, so the importance (a mean
+    /// over entries) is the clear run's up to the sum's quantization error (counts are rounded
+    /// to integers, exact while that error is below ½). Without statistics (under DP, whose
+    /// noise they would need too), each seed's value of `mean` stands for the round's values of
+    /// that seed: post-processing of the noised mean, at no further privacy cost.
+    pub fn apply_secure_mean(
+        &mut self,
+        mean: &[f32],
+        statistics: Option<&[f32]>,
+        clients: usize,
+        clip: f32,
+    ) -> HistoryDelta {
+        if self.config.pro {
+            match statistics.and_then(|s| self.secure_importance(s, clients, clip)) {
+                Some(entries) => {
+                    for (history, (entry, count)) in self.pro_history.iter_mut().zip(entries) {
+                        history.extend(std::iter::repeat_n(entry, count));
+                    }
+                }
+                None => {
+                    for (history, &v) in self.pro_history.iter_mut().zip(mean) {
+                        if v != 0.0 && v.is_finite() {
+                            history.push(v);
+                        }
+                    }
+                }
+            }
+        }
+        self.apply_mean(&[], mean)
+    }
+
+    /// Each seed's (mean `|g|`, count) from the summed statistics of `clients` devices; `None`
+    /// when they do not add up: more per-step values than `clients · τ` (honest devices have at
+    /// most τ each; a larger count would only grow the importance history).
+    fn secure_importance(
+        &self,
+        stats: &[f32],
+        clients: usize,
+        clip: f32,
+    ) -> Option<Vec<(f32, usize)>> {
+        let k = self.config.k as usize;
+        if stats.len() != 2 * k {
+            return None;
+        }
+        let (abs_scale, count_scale) = pro_scales(&self.config, clip);
+        let entries: Vec<(f32, usize)> = (0..k)
+            .map(|s| {
+                let count = (f64::from(stats[k + s]) / count_scale).round();
+                let count = if count.is_finite() {
+                    count.max(0.0)
+                } else {
+                    0.0
+                };
+                let sum = (f64::from(stats[s]) / abs_scale).max(0.0);
+                let entry = if count >= 1.0 {
+                    ((sum / count) as f32).min(PRO_CLIP)
+                } else {
+                    0.0
+                };
+                (entry, count as usize)
+            })
+            .collect();
+        let total: usize = entries.iter().map(|&(_, c)| c).sum();
+        let most = clients.saturating_mul(self.config.tau as usize);
+        if total > most {
+            tracing::warn!(
+                total,
+                most,
+                "FedKSeed-Pro statistics count more per-step values than the devices can have; \
+                 the importance sees the round's mean instead"
+            );
+            return None;
+        }
+        Some(entries)
+    }
+
     /// Applies a round's changes to `H`, records the delta and advances.
     fn close_round(&mut self, changes: BTreeMap<u32, f32>) -> HistoryDelta {
         for (&s, &v) in &changes {
@@ -383,6 +494,75 @@ mod tests {
         assert_eq!(server.round(), 2);
         assert_eq!(server.plan(0).catch_up.len(), 1);
         assert!(server.plan(1).catch_up.is_empty());
+    }
+
+    #[test]
+    fn pro_importance_from_summed_statistics_is_the_clear_importance() {
+        let config = ZoRunConfig {
+            k: 8,
+            tau: 4,
+            pro: true,
+            ..ZoRunConfig::default()
+        };
+        let pro = |seed_grads: Vec<(u32, f32)>, step_grads: Vec<(u32, f32)>| ClientReport {
+            round: 1,
+            seed_grads,
+            step_grads,
+            samples: 4,
+        };
+        let reports = vec![
+            pro(
+                vec![(1, 3.0), (5, -2.0)],
+                vec![(1, 1.0), (1, 2.0), (5, -2.0)],
+            ),
+            pro(vec![(1, -0.5), (6, 3.0)], vec![(1, -0.5), (6, 3.0)]),
+        ];
+        let mut clear = ZoServer::new(config.clone());
+        let (_, rejected) = clear.aggregate(&reports);
+        assert!(rejected.is_empty());
+        // The secure round: the devices' dense updates and statistics summed (equal weights).
+        let clip = 10.0;
+        let mut stats = vec![0.0f32; 16];
+        let mut mean = vec![0.0f32; 8];
+        for r in &reports {
+            stats
+                .iter_mut()
+                .zip(pro_statistics(r, &config, clip))
+                .for_each(|(s, v)| *s += v);
+            assert!(stats.iter().all(|v| (0.0..=2.0 * clip).contains(v)));
+            for &(s, g) in &r.seed_grads {
+                mean[s as usize] += g / 2.0;
+            }
+        }
+        let mut secure = ZoServer::new(config.clone());
+        secure.apply_secure_mean(&mean, Some(&stats), 2, clip);
+        let probabilities = |server: &ZoServer| match server.plan(1).sampling {
+            SeedSampling::Probabilities(p) => p,
+            SeedSampling::Uniform => panic!("Pro samples by importance"),
+        };
+        let (a, b) = (probabilities(&clear), probabilities(&secure));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+        }
+        assert!(a[6] > a[1] && a[1] > a[0], "{a:?}");
+        assert_eq!(clear.history(), secure.history());
+        // Statistics counting more per-step values than two devices can have are not used:
+        // the importance falls back to the round's mean.
+        let mut bloated = ZoServer::new(config.clone());
+        let mut inflated = stats.clone();
+        inflated[8..].iter_mut().for_each(|c| *c = clip);
+        bloated.apply_secure_mean(&mean, Some(&inflated), 2, clip);
+        let mut fallback = ZoServer::new(config);
+        fallback.apply_secure_mean(&mean, None, 2, clip);
+        assert_eq!(probabilities(&bloated), probabilities(&fallback));
+        // That fallback (the importance of round means, what the secure path did before the
+        // statistics) is not the clear run's importance.
+        let off = a
+            .iter()
+            .zip(probabilities(&fallback))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(off > 1e-3, "{off}");
     }
 
     #[test]
