@@ -17,8 +17,8 @@ use fedtune_shared::protocol::blob::model_digest;
 use fedtune_shared::protocol::frame::{decode_body, encode_body};
 use fedtune_shared::protocol::secure::SecAggUpload;
 use fedtune_shared::protocol::{
-    DeviceId, Digest, ErrorCode, MAX_REQUEST_FRAME, Plan, PollRequest, Report, Request, Response,
-    WireError,
+    DeviceId, Digest, ErrorCode, MAX_REQUEST_FRAME, PROTOCOL_VERSION, Plan, PollRequest, Report,
+    Request, Response, WireError,
 };
 
 use crate::algorithm::combine::UpdateCombiner;
@@ -34,6 +34,9 @@ use crate::registry::{DeviceRecord, Registry, RegistryError};
 use crate::rounds::{Phase, PollDecision, RoundRefusal, RoundRules, Rounds};
 use crate::secure::{PollAnswer, SecureSession, SessionRefusal};
 use crate::store::{PutOutcome, Store, StoreError};
+
+/// The store's key for the protocol version its records are encoded in.
+pub const RECORDS_FORMAT_KEY: &str = "records_format";
 
 /// Why the daemon could not start or continue.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +141,23 @@ impl Core {
         };
         let run_id = match store.meta("run_id")? {
             Some(bytes) => {
+                // Reports and round summaries are stored in the wire encoding; there is no
+                // migration between versions, so a run is finished by the daemon that began it.
+                let format = match store.meta(RECORDS_FORMAT_KEY)? {
+                    Some(v) => {
+                        u16::from_le_bytes(v.try_into().map_err(|_| StoreError::Corrupt {
+                            what: RECORDS_FORMAT_KEY.into(),
+                        })?)
+                    }
+                    None => 1,
+                };
+                if format != PROTOCOL_VERSION {
+                    return Err(DaemonError::Mismatch(format!(
+                        "its records were written by a daemon of protocol version {format} and \
+                         this one reads version {PROTOCOL_VERSION}: finish that run with the \
+                         daemon that began it, or start from an empty state folder"
+                    )));
+                }
                 let stored_model = store.meta("base_model")?.unwrap_or_default();
                 if stored_model != base_model.0 {
                     return Err(DaemonError::Mismatch("the base model changed".into()));
@@ -153,6 +173,7 @@ impl Core {
                 let id: u64 = rand::random();
                 store.put_meta("base_model", &base_model.0)?;
                 store.put_meta("algorithm", algorithm_tag.as_bytes())?;
+                store.put_meta(RECORDS_FORMAT_KEY, &PROTOCOL_VERSION.to_le_bytes())?;
                 store.put_meta("run_id", &id.to_le_bytes())?;
                 id
             }

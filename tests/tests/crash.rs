@@ -450,3 +450,40 @@ async fn a_stopped_daemon_has_closed_its_store() {
     }
     eprintln!("30 stops, the slowest in {slowest:.3} s");
 }
+
+/// A state folder whose records another protocol version wrote is refused at start with what
+/// to do, instead of failing on the first record it cannot decode.
+#[test]
+fn a_run_recorded_by_another_protocol_version_is_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model_folder(dir.path(), 5);
+    let config = server_config(&dir.path().join("server"), &model, 1, 3);
+    drop(fedtune_server::Core::open(config.clone()).expect("a new run"));
+    drop(fedtune_server::Core::open(config.clone()).expect("the same run again"));
+    {
+        let store = Store::open(&config.state_dir.join("store")).unwrap();
+        store
+            .put_meta(
+                fedtune_server::daemon::RECORDS_FORMAT_KEY,
+                &2u16.to_le_bytes(),
+            )
+            .unwrap();
+    }
+    let err = fedtune_server::Core::open(config.clone())
+        .err()
+        .expect("an older run is refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("protocol version 2") && message.contains("empty state folder"),
+        "{message}"
+    );
+    // A version that is not two bytes is refused as corrupt.
+    {
+        let store = Store::open(&config.state_dir.join("store")).unwrap();
+        store
+            .put_meta(fedtune_server::daemon::RECORDS_FORMAT_KEY, &[1, 0, 0])
+            .unwrap();
+    }
+    let err = fedtune_server::Core::open(config).err().expect("refused");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+}

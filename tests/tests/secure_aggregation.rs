@@ -944,7 +944,16 @@ async fn distributed_dp_round_clips_noises_and_accounts() {
             round,
             *id,
         ));
-        let (report, _) = local_round(&global, &zo_plan, &pool, sequences, 1, 0, &mut rng);
+        let (report, _) = local_round(
+            &global,
+            &zo_plan,
+            &pool,
+            sequences,
+            1,
+            0,
+            &mut rng,
+            &mut fedtune_shared::progress::Silent,
+        );
         updates.push(dense_seed_grads(&report, run.k));
     }
     updates.push(flat.clone());
