@@ -59,14 +59,22 @@ pub async fn run_until(
         .identity(address)
         .save(&identity_path)
         .map_err(|e| DaemonError::Network(e.to_string()))?;
-    if let Some(addr) = metrics_addr {
-        let bound = metrics::serve(addr, core.metrics().clone())
-            .await
-            .map_err(|e| DaemonError::Network(format!("metrics {addr}: {e}")))?;
-        tracing::info!(%bound, "metrics endpoint");
-    }
+    let metrics_endpoint = match metrics_addr {
+        Some(addr) => {
+            let endpoint = metrics::serve(addr, core.metrics().clone())
+                .await
+                .map_err(|e| DaemonError::Network(format!("metrics {addr}: {e}")))?;
+            tracing::info!(bound = %endpoint.local_addr(), "metrics endpoint");
+            Some(endpoint)
+        }
+        None => None,
+    };
     tracing::info!(%bound, identity = %identity_path.display(), "serving");
-    serve_with_admin(listener, core.clone(), shutdown).await?;
+    let served = serve_with_admin(listener, core.clone(), shutdown).await;
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.stop().await;
+    }
+    served?;
     // The listener's and the control socket's tasks are joined: this is the last handle on the
     // core, and dropping it closes the store.
     if Arc::strong_count(&core) > 1 {

@@ -113,19 +113,50 @@ impl Metrics {
     }
 }
 
-/// Serves `metrics` on `addr` until the task is dropped. Any request gets the exposition: the
-/// endpoint is one fixed page on a local port, so a minimal HTTP/1.1 answer is written here
+/// The metrics endpoint while it serves; [`MetricsEndpoint::stop`] closes its port.
+#[derive(Debug)]
+pub struct MetricsEndpoint {
+    bound: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MetricsEndpoint {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.bound
+    }
+
+    /// Stops serving (a scrape under way is cut off) and waits until the port is released.
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Serves `metrics` on `addr` until [`MetricsEndpoint::stop`]. Any request gets the exposition:
+/// the endpoint is one fixed page on a local port, so a minimal HTTP/1.1 answer is written here
 /// rather than pulling in an HTTP server stack.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<MetricsEndpoint> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
+        // Scrapes live in the set so that aborting the endpoint aborts them too.
+        let mut scrapes = tokio::task::JoinSet::new();
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else {
-                continue;
+            let (mut socket, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors, typically: back off instead of spinning.
+                        tracing::warn!(error = %e, "metrics endpoint accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                Some(_) = scrapes.join_next(), if !scrapes.is_empty() => continue,
             };
             let metrics = metrics.clone();
-            tokio::spawn(async move {
+            scrapes.spawn(async move {
                 // Read (and ignore) the request head; 4 KiB is plenty for a scraper's GET.
                 let mut buf = [0u8; 4096];
                 let _ =
@@ -142,5 +173,5 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<S
             });
         }
     });
-    Ok(bound)
+    Ok(MetricsEndpoint { bound, task })
 }

@@ -265,12 +265,13 @@ async fn metrics_endpoint_serves_prometheus_text() {
         Outcome::Finished { last_round: 1 }
     );
 
-    let addr = fedtune_server::metrics::serve(
+    let endpoint = fedtune_server::metrics::serve(
         "127.0.0.1:0".parse().unwrap(),
         server.core.metrics().clone(),
     )
     .await
     .unwrap();
+    let addr = endpoint.local_addr();
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     socket
         .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -289,6 +290,12 @@ async fn metrics_endpoint_serves_prometheus_text() {
     ] {
         assert!(page.contains(line), "missing `{line}` in\n{page}");
     }
+    // Stopped, the endpoint gives its port back.
+    endpoint.stop().await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .expect("the port is free again");
     server.stop().await;
 }
 
