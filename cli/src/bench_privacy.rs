@@ -117,6 +117,7 @@ fn rule_rows(
         noise_multiplier: 1.0,
         mode: NoiseMode::Central,
         delta: 1e-5,
+        selection: fedtune_shared::privacy::dp::Selection::Poisson,
         population: 10_000,
     })?;
     let ((_, spent), s) =
@@ -176,6 +177,7 @@ fn secure_rows(
         noise_multiplier: 1.0,
         mode: NoiseMode::Distributed,
         delta: 1e-5,
+        selection: fedtune_shared::privacy::dp::Selection::Poisson,
         population: 10_000,
     };
     let probe = SecAggConfig::new(1, n, vectors[0].len(), clip, degree, 0.3)?;

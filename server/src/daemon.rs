@@ -31,9 +31,14 @@ use crate::config::{AlgorithmConfig, ServerConfig};
 use crate::identity::{IdentityError, ServerKeys};
 use crate::metrics::Metrics;
 use crate::registry::{DeviceRecord, Registry, RegistryError};
-use crate::rounds::{Phase, PollDecision, RoundRefusal, RoundRules, Rounds};
+use crate::rounds::{Phase, PoissonSampling, PollDecision, RoundRefusal, RoundRules, Rounds};
 use crate::secure::{PollAnswer, SecureSession, SessionRefusal};
 use crate::store::{PutOutcome, Store, StoreError};
+use fedtune_shared::privacy::dp::Selection;
+
+/// The store's key for the secret that decides which devices a Poisson-sampled round takes
+/// (kept so that a restarted daemon samples as it did).
+pub const SAMPLING_KEY: &str = "sampling_key";
 
 /// The store's key for the protocol version its records are encoded in.
 pub const RECORDS_FORMAT_KEY: &str = "records_format";
@@ -112,6 +117,7 @@ fn rules(config: &ServerConfig) -> RoundRules {
         slots: r.slots(),
         min_reports: r.min_reports,
         deadline: r.deadline(),
+        sampling: None,
     }
 }
 
@@ -179,7 +185,8 @@ impl Core {
             }
         };
         let max_norm = config.validation.max_update_norm;
-        let combiner = UpdateCombiner::new(config.robust, config.privacy.dp)?;
+        let combiner = UpdateCombiner::new(config.robust, config.privacy.dp)?
+            .with_cohort(config.rounds.slots());
         let algorithm: Box<dyn ServerAlgorithm> = match (&config.algorithm, store.state()?) {
             (AlgorithmConfig::Fedkseed { run, batch_size }, None) => {
                 Box::new(FedKSeed::new(run.clone(), *batch_size, max_norm).with_combiner(combiner))
@@ -248,7 +255,34 @@ impl Core {
             stored_reports = reported.len(),
             "daemon state opened"
         );
-        let rounds = Rounds::resume(rules(&config), round, reported, Instant::now());
+        let sampling = match config.privacy.dp {
+            Some(dp) if dp.selection == Selection::Poisson => {
+                let key = match store.meta(SAMPLING_KEY)? {
+                    Some(key) => key,
+                    None => {
+                        let key = rand::random::<[u8; 32]>().to_vec();
+                        store.put_meta(SAMPLING_KEY, &key)?;
+                        key
+                    }
+                };
+                let rate = (config.rounds.slots() as f64 / dp.population as f64).min(1.0);
+                tracing::info!(rate, "devices are Poisson-sampled into rounds");
+                Some(PoissonSampling::new(rate, &key))
+            }
+            Some(_) => {
+                tracing::warn!(
+                    "differential privacy with first-come selection: ε is accounted without \
+                     sampling amplification (set privacy.dp.selection = \"poisson\" for it)"
+                );
+                None
+            }
+            None => None,
+        };
+        let rules = RoundRules {
+            sampling,
+            ..rules(&config)
+        };
+        let rounds = Rounds::resume(rules, round, reported, Instant::now());
         let metrics = Arc::new(Metrics::default());
         metrics.current_round.set(round as i64);
         let core = Self {

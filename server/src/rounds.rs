@@ -9,6 +9,10 @@
 //! deadline with fewer reports stays open with a new deadline, and devices that have not
 //! reported lose their slot to new devices (stragglers are dropped; if they report anyway while
 //! the round is open, their report still counts). Reports for a closed round are refused.
+//!
+//! Under differential privacy with Poisson selection a device also has to be sampled: it is in
+//! round r when a keyed hash of (r, device) falls below the rate, so asking again in the same
+//! round changes nothing and devices cannot tell beforehand which rounds will take them.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -28,6 +32,44 @@ pub struct RoundRules {
     pub min_reports: usize,
     /// How long a round waits.
     pub deadline: Duration,
+    /// Poisson sampling of each round's devices (differential privacy), or everyone eligible.
+    pub sampling: Option<PoissonSampling>,
+}
+
+/// Each device is in a round independently with probability `rate`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoissonSampling {
+    rate: f64,
+    key: [u8; 32],
+}
+
+impl PoissonSampling {
+    /// Sampling at `rate` (clamped to [0, 1]) decided by `key`, a secret of the server's (only
+    /// its first 32 bytes count).
+    pub fn new(rate: f64, key: &[u8]) -> Self {
+        let mut k = [0u8; 32];
+        let n = key.len().min(32);
+        k[..n].copy_from_slice(&key[..n]);
+        Self {
+            rate: rate.clamp(0.0, 1.0),
+            key: k,
+        }
+    }
+
+    /// Whether `device` is in round `round`: HMAC-SHA256(key, round ‖ device) read as a
+    /// uniform number in [0, 1) and compared with the rate.
+    pub fn takes(&self, round: u64, device: DeviceId) -> bool {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key);
+        let mut message = [0u8; 24];
+        message[..8].copy_from_slice(&round.to_le_bytes());
+        message[8..].copy_from_slice(&device.0);
+        let tag = ring::hmac::sign(&key, &message);
+        let mut head = [0u8; 8];
+        head.copy_from_slice(&tag.as_ref()[..8]);
+        // 53 bits, as a uniform f64 in [0, 1).
+        let uniform = (u64::from_le_bytes(head) >> 11) as f64 / (1u64 << 53) as f64;
+        uniform < self.rate
+    }
 }
 
 /// What to tell a polling device.
@@ -164,6 +206,16 @@ impl Rounds {
                 reason: "already reported this round",
             };
         }
+        let sampled_out = self
+            .rules
+            .sampling
+            .is_some_and(|s| !s.takes(self.round, device));
+        if !self.assigned.contains(&device) && sampled_out {
+            return PollDecision::Wait {
+                retry_after: RETRY_AFTER,
+                reason: "not sampled for this round",
+            };
+        }
         if self.assigned.contains(&device) || self.assigned.len() < self.rules.slots {
             self.assigned.insert(device);
             return PollDecision::Plan {
@@ -268,7 +320,64 @@ mod tests {
             slots: 3,
             min_reports: 1,
             deadline: Duration::from_secs(10),
+            sampling: None,
         }
+    }
+
+    #[test]
+    fn poisson_sampling_takes_each_device_at_the_rate_and_retries_change_nothing() {
+        let sampling = PoissonSampling::new(0.1, &[7; 32]);
+        let devices: Vec<DeviceId> = (0..4000u32)
+            .map(|i| {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&i.to_le_bytes());
+                DeviceId(b)
+            })
+            .collect();
+        let taken = |round| -> BTreeSet<DeviceId> {
+            devices
+                .iter()
+                .copied()
+                .filter(|&d| sampling.takes(round, d))
+                .collect()
+        };
+        let (one, two) = (taken(1), taken(2));
+        // Binomial(4000, 0.1): mean 400, standard deviation 19.
+        for set in [&one, &two] {
+            assert!((330..470).contains(&set.len()), "{}", set.len());
+        }
+        assert_eq!(taken(1), one, "the same answer on every ask");
+        let both = one.intersection(&two).count();
+        assert!(
+            (10..80).contains(&both),
+            "rounds sample independently: {both}"
+        );
+        assert!(taken(1) != taken(3));
+        let other_key = PoissonSampling::new(0.1, &[8; 32]);
+        assert!(
+            devices
+                .iter()
+                .any(|&d| other_key.takes(1, d) != sampling.takes(1, d))
+        );
+
+        // The orchestrator turns an unsampled device away, however often it asks.
+        let t0 = Instant::now();
+        let mut r = Rounds::resume(
+            RoundRules {
+                slots: 4000,
+                sampling: Some(sampling),
+                ..rules()
+            },
+            1,
+            BTreeSet::new(),
+            t0,
+        );
+        let out = devices.iter().copied().find(|d| !one.contains(d)).unwrap();
+        let inn = *one.iter().next().unwrap();
+        for _ in 0..3 {
+            assert!(matches!(r.on_poll(out, t0), PollDecision::Wait { .. }));
+        }
+        assert!(matches!(r.on_poll(inn, t0), PollDecision::Plan { .. }));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use fedtune_shared::data::plain_text::load_text;
 use fedtune_shared::data::shakespeare::load_corpus;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::model::Llama;
+use fedtune_shared::privacy::dp::{DpConfig, Selection};
 use fedtune_shared::robust::RobustRule;
 use fedtune_shared::tokenizer::Tokenizer;
 
@@ -306,8 +307,15 @@ fn run_one(
     let (initial, final_eval) = match config.transport {
         Transport::InProcess => {
             let blobs = blob_store(&work).map_err(|e| failed(&e))?;
-            let combiner =
-                UpdateCombiner::new(run.robust, run.privacy.dp).map_err(|e| failed(&e))?;
+            // In process the harness draws each round's devices uniformly at random from the
+            // available ones, so a round is accounted at its count over the population, as
+            // Poisson sampling at that rate would be (the usual approximation for a fixed-size
+            // random sample), whatever selection the daemon's setting names.
+            let dp = run.privacy.dp.map(|dp| DpConfig {
+                selection: Selection::Poisson,
+                ..dp
+            });
+            let combiner = UpdateCombiner::new(run.robust, dp).map_err(|e| failed(&e))?;
             let mut driver = Driver::with_combiner(
                 &algorithm,
                 model.model,

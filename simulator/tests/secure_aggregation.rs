@@ -397,6 +397,7 @@ fn distributed_dp() -> DpConfig {
         noise_multiplier: 1.0,
         mode: NoiseMode::Distributed,
         delta: 1e-5,
+        selection: fedtune_shared::privacy::dp::Selection::FirstCome,
         population: 100,
     }
 }

@@ -53,6 +53,13 @@ impl UpdateCombiner {
         Ok(Self { robust, dp })
     }
 
+    /// Accounts Poisson-sampled rounds at `cohort / population` (the daemon's plans per round),
+    /// not at the count a round ended up with: every device was sampled at that rate.
+    pub fn with_cohort(mut self, cohort: usize) -> Self {
+        self.dp = self.dp.map(|dp| dp.with_cohort(cohort));
+        self
+    }
+
     /// True when neither a robust rule nor DP is on: the algorithm aggregates as it always did.
     pub fn is_plain(&self) -> bool {
         self.robust == RobustRule::Mean && self.dp.is_none()

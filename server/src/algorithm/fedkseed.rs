@@ -354,6 +354,7 @@ mod tests {
             noise_multiplier: 1.0,
             mode: NoiseMode::Central,
             delta: 1e-5,
+            selection: fedtune_shared::privacy::dp::Selection::Poisson,
             population: 100,
         };
         let combiner = || UpdateCombiner::new(RobustRule::Mean, Some(dp)).expect("dp");

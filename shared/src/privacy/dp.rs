@@ -28,6 +28,24 @@ use super::gaussian::{NoiseMode, add_gaussian_noise, distributed_share_std};
 /// ([`DistributedNoise::value_bound`]).
 pub const NOISE_TAIL_STDS: f64 = 8.0;
 
+/// How a round's devices are chosen, which decides the sampling amplification the accountant
+/// may count on. Amplification by subsampling holds only when every device's presence in a
+/// round is random and independent of what it holds; devices taken in the order they ask are
+/// not a random sample, so they earn none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// The first devices to ask get the round: each round is accounted as if it held every
+    /// device of the population (sampling rate 1).
+    #[default]
+    FirstCome,
+    /// Every device is in a round independently with probability `q = cohort / population`
+    /// (Poisson sampling, decided by a keyed hash devices cannot predict or retry against); the
+    /// accountant composes at rate `q`. The cohort cap can only leave devices out, never add
+    /// one, so no device is in a round with probability above `q`.
+    Poisson,
+}
+
 /// Differential-privacy settings, as written in a server or simulation configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,8 +59,11 @@ pub struct DpConfig {
     pub mode: NoiseMode,
     /// The δ that ε is reported for (commonly below 1 / population).
     pub delta: f64,
-    /// The clients a round samples from; a round's sampling rate is
-    /// `clients per round / population` (1 when the population is not larger).
+    /// How rounds pick their devices (the daemon's first-come order by default).
+    #[serde(default)]
+    pub selection: Selection,
+    /// The clients a round samples from; with [`Selection::Poisson`] a round's sampling rate
+    /// is `cohort / population` (1 when the population is not larger).
     pub population: u64,
 }
 
@@ -187,6 +208,9 @@ pub struct DpMechanism {
     config: DpConfig,
     clipper: Clipper,
     accountant: RdpAccountant,
+    /// The expected cohort of a Poisson-sampled round (the daemon's plans per round); `None`
+    /// where each round's sample count is its rate's numerator (the harness's uniform draw).
+    cohort: Option<usize>,
 }
 
 impl DpMechanism {
@@ -201,7 +225,26 @@ impl DpMechanism {
             config,
             clipper: Clipper::new(config.clip),
             accountant: RdpAccountant::default(),
+            cohort: None,
         })
+    }
+
+    /// Accounts [`Selection::Poisson`] rounds at `cohort / population` whatever number a round
+    /// ends up with: the daemon samples every device at that rate.
+    pub fn with_cohort(mut self, cohort: usize) -> Self {
+        self.cohort = Some(cohort);
+        self
+    }
+
+    /// The sampling rate a round of `sampled` devices is accounted at (see [`Selection`]).
+    pub fn sampling_rate(&self, sampled: usize) -> f64 {
+        match self.config.selection {
+            Selection::FirstCome => 1.0,
+            Selection::Poisson => {
+                let cohort = self.cohort.unwrap_or(sampled);
+                (cohort as f64 / self.config.population as f64).min(1.0)
+            }
+        }
     }
 
     /// The settings.
@@ -269,7 +312,7 @@ impl DpMechanism {
     /// that clip and noise elsewhere, e.g. under secure aggregation) and reports ε so far.
     pub fn record_round(&mut self, sampled: usize, clip_norm: f64) -> RoundPrivacy {
         let started = Instant::now();
-        let q = (sampled as f64 / self.config.population as f64).min(1.0);
+        let q = self.sampling_rate(sampled);
         self.accountant.compose(q, self.config.noise_multiplier, 1);
         let (epsilon, _) = self
             .accountant
@@ -305,6 +348,7 @@ mod tests {
             noise_multiplier: 1.0,
             mode: NoiseMode::Central,
             delta: 1e-5,
+            selection: Selection::Poisson,
             population: 1000,
         };
         let mut dp = DpMechanism::new(config).expect("valid");
@@ -377,6 +421,7 @@ mod tests {
             noise_multiplier: 2.0,
             mode: NoiseMode::Distributed,
             delta: 1e-5,
+            selection: Selection::Poisson,
             population: 100,
         };
         let mut dp = DpMechanism::new(config).expect("valid");
@@ -400,5 +445,36 @@ mod tests {
         })
         .expect("valid");
         assert_eq!(central.distributed_noise(4), None);
+    }
+
+    #[test]
+    fn first_come_rounds_earn_no_amplification_and_poisson_rounds_their_rate() {
+        let config = DpConfig {
+            clip: ClipNorm::fixed(1.0),
+            noise_multiplier: 1.0,
+            mode: NoiseMode::Central,
+            selection: Selection::FirstCome,
+            delta: 1e-5,
+            population: 1000,
+        };
+        let first_come = DpMechanism::new(config).expect("valid");
+        assert_eq!(first_come.sampling_rate(10), 1.0);
+        let poisson = DpMechanism::new(DpConfig {
+            selection: Selection::Poisson,
+            ..config
+        })
+        .expect("valid");
+        assert_eq!(poisson.sampling_rate(10), 0.01);
+        // The daemon's rate is its cohort's, whatever a round ended up with.
+        let daemon = poisson.clone().with_cohort(50);
+        assert_eq!(daemon.sampling_rate(10), 0.05);
+        assert_eq!(poisson.sampling_rate(5000), 1.0);
+        // The same rounds cost more ε without amplification.
+        let (mut a, mut b) = (first_come, poisson);
+        for _ in 0..5 {
+            a.record_round(10, 1.0);
+            b.record_round(10, 1.0);
+        }
+        assert!(a.record_round(10, 1.0).epsilon > 10.0 * b.record_round(10, 1.0).epsilon);
     }
 }
