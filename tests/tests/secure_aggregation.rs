@@ -799,7 +799,7 @@ fn a_restart_mid_session_runs_the_round_again() {
 /// K of the DP round: enough values for a tight estimate of the noise's standard deviation.
 const DP_K: u32 = 1024;
 
-/// Distributed DP at z = 1, C = 1, 1000 devices to sample from.
+/// Distributed DP at z = 1, C = 1, 1000 devices, first-come selection (accounted at rate 1).
 fn distributed_dp() -> DpConfig {
     DpConfig {
         clip: ClipNorm::fixed(1.0),
@@ -914,7 +914,7 @@ async fn distributed_dp_round_clips_noises_and_accounts() {
         decode_body(&server.core.algorithm_state()).expect("history and DP state");
     server.stop().await;
 
-    // The round's summary: ε of one round of 6 sampled from 1000, the noise, the cost.
+    // The round's summary: ε of one first-come round (rate 1), the noise, the cost.
     let privacy = summary.privacy.expect("DP recorded");
     let mut accountant = DpMechanism::new(distributed_dp()).expect("dp");
     let expected_epsilon = accountant.record_round(DEVICES, 1.0).epsilon;
