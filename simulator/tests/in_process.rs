@@ -1,39 +1,22 @@
 //! The harness in process on a tiny model: each algorithm improves held-out loss over a few
 //! rounds, devices drop out as their profiles say, and runs are deterministic from the seed.
 
+mod common;
+
+use common::counting_population;
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::lora::TargetModule;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::lora::train::{TrainConfig, TrainExample};
+use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::model::Llama;
 use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_shared::zo::round::ZoRunConfig;
 use fedtune_simulator::engine::{Driver, RoundPolicy, blob_store, run_in_process};
 use fedtune_simulator::evaluation::Evaluator;
 use fedtune_simulator::fleet::{FleetSpec, assign};
-use fedtune_simulator::population::Population;
 use fedtune_simulator::record::RoundRecord;
-use fedtune_tests::network::{counting, fedkseed_run, load_model, tiny_model_folder};
-
-fn population(clients: usize, profiles: &[usize]) -> Population {
-    // Client c counts from its own starting points: the same pattern, different text.
-    let mut examples = Vec::new();
-    let mut items = Vec::new();
-    for c in 0..clients as u32 {
-        let start = examples.len() as u32;
-        for s in counting((0..6).map(|i| c * 7 + i * 3), 12) {
-            examples.push(TrainExample::text(s));
-        }
-        items.push((start..examples.len() as u32).collect());
-    }
-    let heldout = counting((0..8).map(|i| i * 5 + 1), 12)
-        .into_iter()
-        .map(TrainExample::text)
-        .collect();
-    let names = (0..clients).map(|c| format!("client-{c}")).collect();
-    Population::new(examples, names, items, profiles, heldout, 0, 11).unwrap()
-}
+use fedtune_tests::network::{fedkseed_run, load_model, tiny_model_folder};
 
 fn run(
     base: &Llama,
@@ -43,7 +26,7 @@ fn run(
 ) -> (f32, Vec<RoundRecord>) {
     let dir = tempfile::tempdir().unwrap();
     let profiles = fleet.profiles().unwrap();
-    let population = population(8, &assign(&profiles, 8));
+    let population = counting_population(&assign(&profiles, 8), 11);
     let blobs = blob_store(dir.path()).unwrap();
     let mut driver = Driver::new(algorithm, base, blobs.clone(), 11, None).unwrap();
     let policy = RoundPolicy {

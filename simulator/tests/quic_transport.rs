@@ -1,36 +1,27 @@
 //! The QUIC transport trains the same devices with the same seeds as the in-process one: the
 //! daemon over loopback ends with the same global state, byte for byte.
 
+mod common;
+
+use common::block_population;
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::lora::TargetModule;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::lora::train::{TrainConfig, TrainExample};
+use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::prune::schedule::PruneSchedule;
 use fedtune_simulator::engine::{Driver, RoundPolicy, blob_store, run_in_process};
 use fedtune_simulator::evaluation::Evaluator;
 use fedtune_simulator::fleet::{FleetSpec, assign};
 use fedtune_simulator::population::Population;
 use fedtune_simulator::quic::{QuicRun, run_quic};
-use fedtune_tests::network::{counting, fedkseed_run, load_model, tiny_model_folder};
+use fedtune_tests::network::{fedkseed_run, load_model, tiny_model_folder};
 
 const CLIENTS: usize = 3;
 const ROUNDS: u64 = 2;
 const SEED: u64 = 5;
 
 fn population() -> Population {
-    let examples: Vec<TrainExample> = counting(0..12, 10)
-        .into_iter()
-        .map(TrainExample::text)
-        .collect();
-    let items = (0..CLIENTS as u32)
-        .map(|c| (c * 4..c * 4 + 4).collect())
-        .collect();
-    let heldout = counting(20..24, 10)
-        .into_iter()
-        .map(TrainExample::text)
-        .collect();
-    let names = (0..CLIENTS).map(|c| format!("device-{c}")).collect();
     let profiles = assign(
         &FleetSpec::Mix {
             mix: "uniform".into(),
@@ -39,7 +30,7 @@ fn population() -> Population {
         .unwrap(),
         CLIENTS,
     );
-    Population::new(examples, names, items, &profiles, heldout, 0, SEED).unwrap()
+    block_population(&profiles, 20..24, SEED)
 }
 
 fn both(algorithm: AlgorithmConfig) -> (Vec<u8>, Vec<u8>) {

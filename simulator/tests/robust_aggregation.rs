@@ -4,11 +4,14 @@
 //! aggregates: under the plain mean the held-out loss goes up, under the coordinate-wise
 //! median, the trimmed mean and Krum it keeps going down.
 
+mod common;
+
+use common::counting_population;
 use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::lora::train::{TrainConfig, TrainExample};
+use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::model::Llama;
 use fedtune_shared::robust::RobustRule;
 use fedtune_simulator::attack::{AttackerSpec, Behaviour, behaviours};
@@ -17,7 +20,7 @@ use fedtune_simulator::evaluation::Evaluator;
 use fedtune_simulator::fleet::{FleetConfig, FleetSpec, assign};
 use fedtune_simulator::population::Population;
 use fedtune_simulator::record::RoundRecord;
-use fedtune_tests::network::{counting, load_model, tiny_model_folder};
+use fedtune_tests::network::{load_model, tiny_model_folder};
 
 const CLIENTS: usize = 10;
 const ATTACKERS: usize = 2;
@@ -41,22 +44,7 @@ fn fleet() -> FleetConfig {
 fn population(fleet: &FleetConfig) -> Population {
     let profiles = fleet.profiles().unwrap();
     let assignment = assign(&profiles, CLIENTS);
-    let mut examples = Vec::new();
-    let mut items = Vec::new();
-    for c in 0..CLIENTS as u32 {
-        let start = examples.len() as u32;
-        for s in counting((0..6).map(|i| c * 7 + i * 3), 12) {
-            examples.push(TrainExample::text(s));
-        }
-        items.push((start..examples.len() as u32).collect());
-    }
-    let heldout = counting((0..8).map(|i| i * 5 + 1), 12)
-        .into_iter()
-        .map(TrainExample::text)
-        .collect();
-    let names = (0..CLIENTS).map(|c| format!("client-{c}")).collect();
-    let mut population =
-        Population::new(examples, names, items, &assignment, heldout, 0, SEED).unwrap();
+    let mut population = counting_population(&assignment, SEED);
     population.set_behaviours(&behaviours(
         &profiles,
         &assignment,

@@ -7,11 +7,14 @@
 //! round by round (the `epsilon` column of `metrics.csv`), and an in-process run repeats
 //! exactly (its noise is seeded).
 
+mod common;
+
+use common::block_population;
 use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::config::{AlgorithmConfig, PrivacySettings, SecAggSettings};
 use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::lora::train::{TrainConfig, TrainExample};
+use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::privacy::clipping::ClipNorm;
 use fedtune_shared::privacy::dp::DpConfig;
 use fedtune_shared::privacy::gaussian::NoiseMode;
@@ -27,7 +30,7 @@ use fedtune_simulator::fleet::{DeviceProfile, FleetSpec, assign};
 use fedtune_simulator::population::Population;
 use fedtune_simulator::quic::{QuicRun, run_quic};
 use fedtune_simulator::record::RoundRecord;
-use fedtune_tests::network::{counting, fedkseed_run, load_model, tiny_model_folder};
+use fedtune_tests::network::{fedkseed_run, load_model, tiny_model_folder};
 
 /// Rounds of LoRA and FedKSeed.
 const ROUNDS: u64 = 3;
@@ -44,20 +47,7 @@ fn secagg() -> SecAggSettings {
 }
 
 fn population(clients: usize, profiles: &[DeviceProfile]) -> Population {
-    let examples: Vec<TrainExample> = counting(0..(clients as u32 * 4), 10)
-        .into_iter()
-        .map(TrainExample::text)
-        .collect();
-    let items = (0..clients as u32)
-        .map(|c| (c * 4..c * 4 + 4).collect())
-        .collect();
-    let heldout = counting(40..44, 10)
-        .into_iter()
-        .map(TrainExample::text)
-        .collect();
-    let names = (0..clients).map(|c| format!("device-{c}")).collect();
-    let assigned = assign(profiles, clients);
-    Population::new(examples, names, items, &assigned, heldout, 0, SEED).unwrap()
+    block_population(&assign(profiles, clients), 40..44, SEED)
 }
 
 fn uniform() -> Vec<DeviceProfile> {
