@@ -463,3 +463,111 @@ async fn operator_issues_tokens_and_revokes_devices_while_the_daemon_serves() {
         .expect("token from the store");
     assert_ne!(offline, token);
 }
+
+/// Poisson selection under differential privacy on the real daemon: round 1 goes only to the
+/// devices the run's stored key samples, however often the others ask, and ε is accounted at
+/// plans per round / population rather than at rate 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisson_selection_plans_only_sampled_devices_and_accounts_at_its_rate() {
+    use fedtune_server::algorithm::RoundSummary;
+    use fedtune_server::daemon::SAMPLING_KEY;
+    use fedtune_server::rounds::PoissonSampling;
+    use fedtune_shared::privacy::clipping::ClipNorm;
+    use fedtune_shared::privacy::dp::{DpConfig, DpMechanism, Selection};
+    use fedtune_shared::privacy::gaussian::NoiseMode;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model_folder(dir.path(), 5);
+    // Four devices whose ids are known before the daemon starts.
+    let folders: Vec<_> = (0..4)
+        .map(|i| dir.path().join(format!("device-{i}")))
+        .collect();
+    let ids: Vec<DeviceId> = folders
+        .iter()
+        .map(|f| {
+            let key = fedtune_client::state::StateDir::open(f)
+                .unwrap()
+                .device_key()
+                .unwrap();
+            key.public_key().device_id()
+        })
+        .collect();
+    // Two plans per round from a population of four: q = 1/2.
+    let mut config = server_config(&dir.path().join("server"), &model_path, 2, 1);
+    let dp = DpConfig {
+        clip: ClipNorm::fixed(1.0),
+        noise_multiplier: 1.0,
+        mode: NoiseMode::Central,
+        selection: Selection::Poisson,
+        delta: 1e-5,
+        population: 4,
+    };
+    config.privacy.dp = Some(dp);
+    // A run key that samples exactly two of the four into round 1, written before serving.
+    let key = (0u8..=255)
+        .map(|b| [b; 32])
+        .find(|k| {
+            let s = PoissonSampling::new(0.5, k);
+            ids.iter().filter(|&&d| s.takes(1, d)).count() == 2
+        })
+        .expect("some key samples two of four");
+    drop(fedtune_server::Core::open(config.clone()).expect("a new run"));
+    fedtune_server::store::Store::open(&config.state_dir.join("store"))
+        .unwrap()
+        .put_meta(SAMPLING_KEY, &key)
+        .unwrap();
+    let sampled: std::collections::BTreeSet<DeviceId> = ids
+        .iter()
+        .copied()
+        .filter(|&d| PoissonSampling::new(0.5, &key).takes(1, d))
+        .collect();
+
+    let server = TestServer::start(config.clone());
+    let mut runs = Vec::new();
+    for (i, folder) in folders.iter().enumerate() {
+        let (mut device, _) = client(
+            server.identity(),
+            folder,
+            &model_path,
+            counting((0..2).map(|s| s + i as u32), 8),
+        );
+        assert_eq!(device.enroll(TOKEN).await.unwrap(), ids[i]);
+        runs.push(tokio::spawn(async move { device.run().await }));
+    }
+    for run in runs {
+        assert_eq!(
+            run.await.unwrap().unwrap(),
+            Outcome::Finished { last_round: 1 }
+        );
+    }
+    let reported: std::collections::BTreeSet<DeviceId> = server
+        .core
+        .store()
+        .reports(1)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| DeviceId(id))
+        .collect();
+    assert_eq!(reported, sampled, "only the sampled devices trained");
+    let summaries = server.core.store().round_summaries().unwrap();
+    let summary: RoundSummary = decode_body(&summaries[0].1).unwrap();
+    let epsilon = summary.privacy.expect("DP recorded").epsilon;
+    let at_rate = DpMechanism::new(dp)
+        .unwrap()
+        .with_cohort(2)
+        .record_round(2, 1.0)
+        .epsilon;
+    let first_come = DpMechanism::new(DpConfig {
+        selection: Selection::FirstCome,
+        ..dp
+    })
+    .unwrap()
+    .record_round(2, 1.0)
+    .epsilon;
+    assert!((epsilon - at_rate).abs() < 1e-12, "{epsilon} vs {at_rate}");
+    assert!(
+        epsilon < first_come,
+        "{epsilon} vs {first_come} without amplification"
+    );
+    server.stop().await;
+}
