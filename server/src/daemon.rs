@@ -109,7 +109,38 @@ pub struct Core {
     running: Mutex<Running>,
 }
 
-fn rules(config: &ServerConfig) -> RoundRules {
+/// Poisson sampling of each round's devices when DP asks for it, with the run's key (made once
+/// and stored, so a restarted daemon samples as before).
+fn round_sampling(
+    config: &ServerConfig,
+    store: &Store,
+) -> Result<Option<PoissonSampling>, DaemonError> {
+    Ok(match config.privacy.dp {
+        Some(dp) if dp.selection == Selection::Poisson => {
+            let key = match store.meta(SAMPLING_KEY)? {
+                Some(key) => key,
+                None => {
+                    let key = rand::random::<[u8; 32]>().to_vec();
+                    store.put_meta(SAMPLING_KEY, &key)?;
+                    key
+                }
+            };
+            let rate = dp.poisson_rate(config.rounds.slots());
+            tracing::info!(rate, "devices are Poisson-sampled into rounds");
+            Some(PoissonSampling::new(rate, &key))
+        }
+        Some(_) => {
+            tracing::warn!(
+                "differential privacy with first-come selection: ε is accounted without \
+                 sampling amplification (set privacy.dp.selection = \"poisson\" for it)"
+            );
+            None
+        }
+        None => None,
+    })
+}
+
+fn rules(config: &ServerConfig, sampling: Option<PoissonSampling>) -> RoundRules {
     let r = &config.rounds;
     RoundRules {
         total_rounds: r.total_rounds,
@@ -117,7 +148,7 @@ fn rules(config: &ServerConfig) -> RoundRules {
         slots: r.slots(),
         min_reports: r.min_reports,
         deadline: r.deadline(),
-        sampling: None,
+        sampling,
     }
 }
 
@@ -255,34 +286,8 @@ impl Core {
             stored_reports = reported.len(),
             "daemon state opened"
         );
-        let sampling = match config.privacy.dp {
-            Some(dp) if dp.selection == Selection::Poisson => {
-                let key = match store.meta(SAMPLING_KEY)? {
-                    Some(key) => key,
-                    None => {
-                        let key = rand::random::<[u8; 32]>().to_vec();
-                        store.put_meta(SAMPLING_KEY, &key)?;
-                        key
-                    }
-                };
-                let rate = (config.rounds.slots() as f64 / dp.population as f64).min(1.0);
-                tracing::info!(rate, "devices are Poisson-sampled into rounds");
-                Some(PoissonSampling::new(rate, &key))
-            }
-            Some(_) => {
-                tracing::warn!(
-                    "differential privacy with first-come selection: ε is accounted without \
-                     sampling amplification (set privacy.dp.selection = \"poisson\" for it)"
-                );
-                None
-            }
-            None => None,
-        };
-        let rules = RoundRules {
-            sampling,
-            ..rules(&config)
-        };
-        let rounds = Rounds::resume(rules, round, reported, Instant::now());
+        let sampling = round_sampling(&config, &store)?;
+        let rounds = Rounds::resume(rules(&config, sampling), round, reported, Instant::now());
         let metrics = Arc::new(Metrics::default());
         metrics.current_round.set(round as i64);
         let core = Self {

@@ -94,12 +94,11 @@ async fn serve_with_admin(
     #[cfg(unix)]
     {
         let admin = admin::AdminSocket::bind(core)?;
-        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let devices = listener.serve(async move {
             shutdown.await;
             let _ = stop.send(true);
         });
-        let mut stopped = stopped;
         let operator = admin.serve(async move {
             let _ = stopped.wait_for(|&s| s).await;
         });

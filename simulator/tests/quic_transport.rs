@@ -3,10 +3,9 @@
 
 mod common;
 
-use common::block_population;
+use common::{block_population, single_rank_lora};
 use fedtune_server::config::AlgorithmConfig;
 use fedtune_shared::lora::TargetModule;
-use fedtune_shared::lora::aggregation::AggregationStrategy;
 use fedtune_shared::lora::config::LoraConfig;
 use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::prune::schedule::PruneSchedule;
@@ -117,23 +116,7 @@ fn fedkseed_over_quic_equals_in_process() {
 
 #[test]
 fn lora_over_quic_equals_in_process() {
-    // One rank: the bandit's choice cannot depend on measured times, which differ. No
-    // dropout: its mask comes from the backend's own generator, not from the plan's seed.
-    let (in_process, served) = both(AlgorithmConfig::Lora {
-        lora: LoraConfig {
-            rank: 4,
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
-        ranks: vec![4],
-        train: TrainConfig {
-            lr: 1e-2,
-            warmup_steps: 0,
-            ..TrainConfig::default()
-        },
-        local_steps: 3,
-        strategy: AggregationStrategy::FedAvg,
-    });
+    let (in_process, served) = both(single_rank_lora());
     assert!(!in_process.is_empty());
     assert!(
         in_process == served,

@@ -9,12 +9,9 @@
 
 mod common;
 
-use common::block_population;
+use common::{block_population, single_rank_lora};
 use fedtune_server::algorithm::combine::UpdateCombiner;
 use fedtune_server::config::{AlgorithmConfig, PrivacySettings, SecAggSettings};
-use fedtune_shared::lora::aggregation::AggregationStrategy;
-use fedtune_shared::lora::config::LoraConfig;
-use fedtune_shared::lora::train::TrainConfig;
 use fedtune_shared::privacy::clipping::ClipNorm;
 use fedtune_shared::privacy::dp::DpConfig;
 use fedtune_shared::privacy::gaussian::NoiseMode;
@@ -125,24 +122,6 @@ fn fedkseed() -> AlgorithmConfig {
     }
 }
 
-fn lora() -> AlgorithmConfig {
-    AlgorithmConfig::Lora {
-        lora: LoraConfig {
-            rank: 4,
-            dropout: 0.0,
-            ..LoraConfig::default()
-        },
-        ranks: vec![4],
-        train: TrainConfig {
-            lr: 1e-2,
-            warmup_steps: 0,
-            ..TrainConfig::default()
-        },
-        local_steps: 3,
-        strategy: AggregationStrategy::FedAvg,
-    }
-}
-
 /// The largest difference of two FedKSeed checkpoints' histories, and the largest value.
 fn history_gap(a: &[u8], b: &[u8]) -> (f64, f64) {
     let (a, b): (ZoServer, ZoServer) = (decode_body(a).unwrap(), decode_body(b).unwrap());
@@ -205,7 +184,7 @@ fn algorithms(clients: usize) -> [(&'static str, AlgorithmConfig, u64, f64); 2] 
             ROUNDS,
             bound(clients, ROUNDS) + compounding(ROUNDS),
         ),
-        ("lora", lora(), ROUNDS, bound(clients, ROUNDS)),
+        ("lora", single_rank_lora(), ROUNDS, bound(clients, ROUNDS)),
     ]
 }
 

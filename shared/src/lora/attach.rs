@@ -111,14 +111,7 @@ pub fn attach_fresh(model: Llama, config: &LoraConfig, seed: u64) -> Llama {
 /// Draws nothing when no adapter has dropout, so a run without dropout samples its batches as
 /// it did before masks were seeded.
 pub fn reseed_dropout(model: &Llama, rng: &mut impl rand::RngCore) {
-    let adapters = || {
-        model.layers.iter().flat_map(|decoder| {
-            TargetModule::ALL
-                .iter()
-                .filter_map(move |&t| projection(decoder, t).adapter.as_ref())
-        })
-    };
-    if adapters().all(|a| a.dropout.prob == 0.0) {
+    if adapter_streams(model).all(|(_, a)| a.dropout.prob == 0.0) {
         return;
     }
     seed_dropout(model, rng.next_u64());
@@ -126,14 +119,25 @@ pub fn reseed_dropout(model: &Llama, rng: &mut impl rand::RngCore) {
 
 /// Restarts every adapter's dropout stream from `seed`, each adapter on its own stream.
 pub fn seed_dropout(model: &Llama, seed: u64) {
-    for (i, decoder) in model.layers.iter().enumerate() {
-        for (t, &target) in TargetModule::ALL.iter().enumerate() {
-            if let Some(adapter) = &projection(decoder, target).adapter {
-                let stream = (i * TargetModule::ALL.len() + t) as u64;
-                adapter.dropout.reseed(seed, stream);
-            }
-        }
+    for (stream, adapter) in adapter_streams(model) {
+        adapter.dropout.reseed(seed, stream);
     }
+}
+
+/// Every adapter with its dropout stream number, fixed by its layer and projection.
+fn adapter_streams(model: &Llama) -> impl Iterator<Item = (u64, &LoraLayer)> {
+    model.layers.iter().enumerate().flat_map(|(i, decoder)| {
+        TargetModule::ALL
+            .iter()
+            .enumerate()
+            .filter_map(move |(t, &target)| {
+                let stream = (i * TargetModule::ALL.len() + t) as u64;
+                projection(decoder, target)
+                    .adapter
+                    .as_ref()
+                    .map(|a| (stream, a))
+            })
+    })
 }
 
 /// Freezes `model` and installs `weights` as its adapters (removing any others): how a client

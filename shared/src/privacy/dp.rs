@@ -77,6 +77,12 @@ pub enum DpError {
 }
 
 impl DpConfig {
+    /// The rate at which [`Selection::Poisson`] samples each device to fill `cohort` places in
+    /// expectation: `cohort / population`, at most 1.
+    pub fn poisson_rate(&self, cohort: usize) -> f64 {
+        (cohort as f64 / self.population as f64).min(1.0)
+    }
+
     /// What each device adds in [`NoiseMode::Distributed`] when at least `min_clients` devices'
     /// shares are in every sum the server can unmask, at the configured (first round's) norm.
     pub fn distributed_noise(&self, min_clients: usize) -> DistributedNoise {
@@ -240,10 +246,7 @@ impl DpMechanism {
     pub fn sampling_rate(&self, sampled: usize) -> f64 {
         match self.config.selection {
             Selection::FirstCome => 1.0,
-            Selection::Poisson => {
-                let cohort = self.cohort.unwrap_or(sampled);
-                (cohort as f64 / self.config.population as f64).min(1.0)
-            }
+            Selection::Poisson => self.config.poisson_rate(self.cohort.unwrap_or(sampled)),
         }
     }
 

@@ -6,7 +6,10 @@
 
 use std::ops::Range;
 
-use fedtune_shared::lora::train::TrainExample;
+use fedtune_server::config::AlgorithmConfig;
+use fedtune_shared::lora::aggregation::AggregationStrategy;
+use fedtune_shared::lora::config::LoraConfig;
+use fedtune_shared::lora::train::{TrainConfig, TrainExample};
 use fedtune_simulator::population::Population;
 use fedtune_tests::network::counting;
 
@@ -45,4 +48,24 @@ pub fn block_population(profiles: &[usize], heldout: Range<u32>, seed: u64) -> P
         .collect();
     let names = (0..clients).map(|c| format!("device-{c}")).collect();
     Population::new(examples, names, items, profiles, heldout, 0, seed).unwrap()
+}
+
+/// LoRA at rank 4 for every device, FedAvg, three local steps. One rank: the bandit's choice
+/// cannot depend on measured times, which differ between runs. Dropout stays on: its masks
+/// follow from the plan's seed, so two transports or a secure and a plain run see the same.
+pub fn single_rank_lora() -> AlgorithmConfig {
+    AlgorithmConfig::Lora {
+        lora: LoraConfig {
+            rank: 4,
+            ..LoraConfig::default()
+        },
+        ranks: vec![4],
+        train: TrainConfig {
+            lr: 1e-2,
+            warmup_steps: 0,
+            ..TrainConfig::default()
+        },
+        local_steps: 3,
+        strategy: AggregationStrategy::FedAvg,
+    }
 }
