@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod eval;
+pub mod frozen_matmul;
 pub mod generate;
 pub mod lora;
 pub mod model;

@@ -10,6 +10,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor, TensorData, assert_shape};
 
+use crate::frozen_matmul::frozen_matmul;
 use crate::lora::LoraLayer;
 
 /// `y = x W + b` with `W` of shape `[d_input, d_output]`, plus `s · x A B` when a LoRA adapter
@@ -78,11 +79,18 @@ impl Linear {
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         let (d_input, _) = self.dims();
         assert_shape!(input, [.., d_input]);
-        let base = burn::tensor::module::linear(
-            input.clone(),
-            self.weight.val(),
-            self.bias.as_ref().map(Param::val),
-        );
+        let weight = self.weight.val();
+        let base = if weight.is_require_grad() {
+            burn::tensor::module::linear(input.clone(), weight, self.bias.as_ref().map(Param::val))
+        } else {
+            // A frozen weight (LoRA, FedSpine, zeroth-order and inference passes): the product
+            // that differentiates in the input only, on fedtune's CPU kernel where it has one.
+            let base = frozen_matmul(input.clone(), weight, false);
+            match &self.bias {
+                Some(bias) => base + bias.val().unsqueeze(),
+                None => base,
+            }
+        };
         match &self.adapter {
             Some(adapter) => base + adapter.forward(input),
             None => base,

@@ -13,6 +13,7 @@ use super::linear::Linear;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
 use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, MemorySource, WeightSource};
+use crate::frozen_matmul::frozen_matmul;
 
 /// What [`Llama::hidden_observed`] shows each layer's projection inputs to, as
 /// `observe(layer, which, input)`.
@@ -275,13 +276,16 @@ impl Llama {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => {
+                let embedding = self.embed_tokens.val();
+                if !embedding.is_require_grad() {
+                    return frozen_matmul(hidden, embedding, true);
+                }
                 let [batch, seq, width] = hidden.dims();
                 let vocab = self.vocab_size();
                 // logitsᵀ = E hᵀ: the embedding `[vocab, hidden]` is the left operand, read
                 // row-major as stored; only the small hidden-state matrix goes through a
                 // transposed view. (`h Eᵀ` would make gemm gather all of E element by element.)
-                self.embed_tokens
-                    .val()
+                embedding
                     .matmul(hidden.reshape([batch * seq, width]).transpose())
                     .transpose()
                     .reshape([batch, seq, vocab])

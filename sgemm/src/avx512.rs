@@ -1,0 +1,353 @@
+//! The AVX-512 implementation: how a product is cut between threads, the packing of the small
+//! operand, and the 12 × 32 micro-kernel.
+
+use std::arch::x86_64::{
+    __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
+    _mm512_maskz_loadu_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+};
+use std::mem::MaybeUninit;
+
+use super::{Matrix, Output};
+
+/// Columns of `C` one micro-kernel call computes: two 16-lane registers.
+const NR: usize = 32;
+/// Rows of `C` one micro-kernel call computes.
+const MR: usize = 12;
+/// Depth of one pass: a packed `B` block (`KC × NR` floats, 32 KiB) stays in L1.
+const KC: usize = 256;
+/// Below this many multiply-adds the product runs on the calling thread.
+const SERIAL_BELOW: usize = 1 << 18;
+
+/// `A·B` (see [`super::multiply`]; the caller has checked the shapes and the CPU).
+pub(crate) fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let mut c: Vec<MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation; every element is written below.
+    unsafe { c.set_len(m * n) };
+    if k == 0 {
+        c.fill(MaybeUninit::new(0.0));
+    } else {
+        let plan = Plan::new(m, n, k, output);
+        let target = SharedOut(c.as_mut_ptr().cast::<f32>());
+        let run = |part: usize| {
+            // SAFETY: parts write disjoint tiles of `c`, which holds m·n floats; the slices
+            // hold their shapes (asserted above); the CPU has AVX-512 (asserted above).
+            unsafe { plan.run_part(part, a.values, b, target) }
+        };
+        if plan.parts == 1 {
+            run(0);
+        } else {
+            rayon::scope(|scope| {
+                for part in 1..plan.parts {
+                    scope.spawn(move |_| run(part));
+                }
+                run(0);
+            });
+        }
+    }
+    let mut c = std::mem::ManuallyDrop::new(c);
+    // SAFETY: every element was written (each tile's first depth pass stores without reading),
+    // and MaybeUninit<f32> has f32's layout, so the allocation is a valid Vec<f32>.
+    unsafe { Vec::from_raw_parts(c.as_mut_ptr().cast::<f32>(), c.len(), c.capacity()) }
+}
+
+/// The output pointer, shared by parts that write disjoint tiles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: parts write disjoint elements and the scope joins them before the buffer is read.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// How the product is cut between threads and ordered within one.
+struct Plan {
+    m: usize,
+    n: usize,
+    k: usize,
+    output: Output,
+    /// Each part takes a slice of column panels (`true`) or of row blocks.
+    split_columns: bool,
+    parts: usize,
+}
+
+impl Plan {
+    fn new(m: usize, n: usize, k: usize, output: Output) -> Self {
+        let threads = if m * n * k < SERIAL_BELOW {
+            1
+        } else {
+            rayon::current_num_threads()
+        };
+        let panels = n.div_ceil(NR);
+        let blocks = m.div_ceil(MR);
+        let split_columns = panels >= 2 * threads || panels >= blocks;
+        let parts = threads
+            .min(if split_columns { panels } else { blocks })
+            .max(1);
+        Self {
+            m,
+            n,
+            k,
+            output,
+            split_columns,
+            parts,
+        }
+    }
+
+    /// Computes part `part`'s tiles.
+    ///
+    /// # Safety
+    /// `a` holds `m·k` floats, `b` is `k × n`, `c` points to `m·n` writable floats no other part
+    /// writes in this part's tiles, and the CPU has AVX-512.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_part(&self, part: usize, a: &[f32], b: Matrix<'_>, c: SharedOut) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let (panels, blocks) = (n.div_ceil(NR), m.div_ceil(MR));
+        let share = |count: usize| count * part / self.parts..count * (part + 1) / self.parts;
+        let (rows, cols) = if self.split_columns {
+            (0..blocks, share(panels))
+        } else {
+            (share(blocks), 0..panels)
+        };
+        let ldc = match self.output {
+            Output::RowMajor => n,
+            Output::Transposed => m,
+        };
+        let tile = |i0: usize, j0: usize| match self.output {
+            // SAFETY (both): i0 < m and j0 < n, so the offset lies inside `c`.
+            Output::RowMajor => unsafe { c.0.add(i0 * n + j0) },
+            Output::Transposed => unsafe { c.0.add(j0 * m + i0) },
+        };
+        let transposed = self.output == Output::Transposed;
+
+        if rows.len() * MR > cols.len() * NR {
+            // A is the larger operand (a weight read as `W·Xᵀ`): pack this part's columns of
+            // B once and stream A's rows unpacked, each read from memory once.
+            let mut packed_b = vec![0.0f32; cols.len() * k * NR];
+            for (q, panel) in cols.clone().enumerate() {
+                pack_b(b, 0, k, panel * NR, &mut packed_b[q * k * NR..][..k * NR]);
+            }
+            for block in rows {
+                let i0 = block * MR;
+                let height = MR.min(m - i0);
+                for p0 in (0..k).step_by(KC) {
+                    let depth = KC.min(k - p0);
+                    for (q, panel) in cols.clone().enumerate() {
+                        let j0 = panel * NR;
+                        let kernel = Kernel {
+                            depth,
+                            a: a[i0 * k + p0..].as_ptr(),
+                            a_row_stride: k,
+                            a_depth_stride: 1,
+                            b: packed_b[q * k * NR + p0 * NR..].as_ptr(),
+                            width: NR.min(n - j0),
+                            c: tile(i0, j0),
+                            ldc,
+                            transposed,
+                            accumulate: p0 > 0,
+                        };
+                        // SAFETY: the pointers cover `height` rows × `depth` of A, `depth`
+                        // packed rows of B and the tile of C.
+                        unsafe { kernel.run(height) };
+                    }
+                }
+            }
+        } else {
+            // B is the larger operand (a weight read as `X·W`): pack A's rows for one depth
+            // pass, then each panel of B once and run it against every row block.
+            let mut packed_a = vec![0.0f32; rows.len() * MR * KC];
+            let mut packed_b = vec![0.0f32; KC * NR];
+            for p0 in (0..k).step_by(KC) {
+                let depth = KC.min(k - p0);
+                for (q, block) in rows.clone().enumerate() {
+                    pack_a(a, m, k, block * MR, p0, depth, &mut packed_a[q * MR * KC..]);
+                }
+                for panel in cols.clone() {
+                    let j0 = panel * NR;
+                    pack_b(b, p0, depth, j0, &mut packed_b);
+                    for (q, block) in rows.clone().enumerate() {
+                        let i0 = block * MR;
+                        let kernel = Kernel {
+                            depth,
+                            a: packed_a[q * MR * KC..].as_ptr(),
+                            a_row_stride: 1,
+                            a_depth_stride: MR,
+                            b: packed_b.as_ptr(),
+                            width: NR.min(n - j0),
+                            c: tile(i0, j0),
+                            ldc,
+                            transposed,
+                            accumulate: p0 > 0,
+                        };
+                        // SAFETY: as above, with A packed `[depth][MR]`.
+                        unsafe { kernel.run(MR.min(m - i0)) };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Copies `B[p0 .. p0+depth][j0 .. j0+NR]` to `out` as `[depth][NR]`, zeros past column `n`.
+///
+/// A column-major `B` (an activation read transposed, `dY` in `W·dYᵀ`) is gathered here
+/// rather than transposed in a pass of its own.
+fn pack_b(b: Matrix<'_>, p0: usize, depth: usize, j0: usize, out: &mut [f32]) {
+    let width = NR.min(b.cols - j0);
+    let out = &mut out[..depth * NR];
+    if b.column_major {
+        if width < NR {
+            out.fill(0.0);
+        }
+        for j in 0..width {
+            let column = &b.values[(j0 + j) * b.rows + p0..][..depth];
+            for (p, &v) in column.iter().enumerate() {
+                out[p * NR + j] = v;
+            }
+        }
+    } else {
+        for (p, dst) in out.chunks_exact_mut(NR).enumerate() {
+            let row = &b.values[(p0 + p) * b.cols + j0..][..width];
+            // A fixed-size copy compiles to two vector moves; a slice copy of 32 floats was a
+            // `memcpy` call per row, a twentieth of a training step.
+            if let (Ok(dst), Ok(src)) = (
+                <&mut [f32; NR]>::try_from(&mut *dst),
+                <&[f32; NR]>::try_from(row),
+            ) {
+                *dst = *src;
+            } else {
+                dst[..width].copy_from_slice(row);
+                dst[width..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Copies `A[i0 .. i0+MR][p0 .. p0+depth]` to `out` as `[depth][MR]`, zeros past row `m`.
+fn pack_a(a: &[f32], m: usize, k: usize, i0: usize, p0: usize, depth: usize, out: &mut [f32]) {
+    let height = MR.min(m - i0);
+    for r in 0..MR {
+        if r < height {
+            let row = &a[(i0 + r) * k + p0..][..depth];
+            for (p, &v) in row.iter().enumerate() {
+                out[p * MR + r] = v;
+            }
+        } else {
+            for p in 0..depth {
+                out[p * MR + r] = 0.0;
+            }
+        }
+    }
+}
+
+/// One micro-kernel call: a `height × width` tile of `C` from `depth` rank-1 updates.
+struct Kernel {
+    depth: usize,
+    /// `A[r][p]` at `a + r·a_row_stride + p·a_depth_stride`.
+    a: *const f32,
+    a_row_stride: usize,
+    a_depth_stride: usize,
+    /// `[depth][NR]`, zero past `width`.
+    b: *const f32,
+    width: usize,
+    c: *mut f32,
+    ldc: usize,
+    transposed: bool,
+    /// Add to `C` instead of storing (every depth pass after the first).
+    accumulate: bool,
+}
+
+impl Kernel {
+    /// # Safety
+    /// The pointers cover what the fields describe, `height <= MR`, and the CPU has AVX-512.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run(&self, height: usize) {
+        macro_rules! rows {
+            ($($h:literal)*) => {
+                match height {
+                    // SAFETY: forwarded from the caller.
+                    $($h => unsafe { self.tile::<$h>() },)*
+                    _ => unreachable!("a tile has 1 to {MR} rows"),
+                }
+            };
+        }
+        rows!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// # Safety
+    /// As [`Self::run`] with `H` rows.
+    #[inline(always)]
+    unsafe fn tile<const H: usize>(&self) {
+        // SAFETY: intrinsics need AVX-512 (the caller's target feature); every pointer stays
+        // inside the ranges the caller vouches for.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; H];
+            let mut a = self.a;
+            let mut b = self.b;
+            for _ in 0..self.depth {
+                let b0 = _mm512_loadu_ps(b);
+                let b1 = _mm512_loadu_ps(b.add(16));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * self.a_row_stride));
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                }
+                a = a.add(self.a_depth_stride);
+                b = b.add(NR);
+            }
+            if self.transposed {
+                self.store_transposed(&acc);
+            } else {
+                self.store(&acc);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store<const H: usize>(&self, acc: &[[__m512; 2]; H]) {
+        let lanes = |count: usize| -> __mmask16 {
+            if count >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << count) - 1) as u16
+            }
+        };
+        let (m0, m1) = (lanes(self.width), lanes(self.width.saturating_sub(16)));
+        // SAFETY: row r of the tile starts at c + r·ldc and has `width` valid columns.
+        unsafe {
+            for (r, acc) in acc.iter().enumerate() {
+                let c = self.c.add(r * self.ldc);
+                let (mut v0, mut v1) = (acc[0], acc[1]);
+                if self.accumulate {
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, c));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, c.add(16)));
+                }
+                _mm512_mask_storeu_ps(c, m0, v0);
+                _mm512_mask_storeu_ps(c.add(16), m1, v1);
+            }
+        }
+    }
+
+    /// Writes the tile column by column; a tile is 384 values against ~200k multiply-adds, so
+    /// the scalar transpose costs nothing measurable.
+    #[inline(always)]
+    unsafe fn store_transposed<const H: usize>(&self, acc: &[[__m512; 2]; H]) {
+        let mut tile = [[0.0f32; NR]; H];
+        // SAFETY: each row of `tile` holds NR = 32 floats; column j of the tile is row j of the
+        // transposed output, at c + j·ldc, with H valid entries.
+        unsafe {
+            for (row, acc) in tile.iter_mut().zip(acc) {
+                _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
+                _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+            }
+            for j in 0..self.width {
+                let c = self.c.add(j * self.ldc);
+                for (r, row) in tile.iter().enumerate() {
+                    if self.accumulate {
+                        *c.add(r) += row[j];
+                    } else {
+                        *c.add(r) = row[j];
+                    }
+                }
+            }
+        }
+    }
+}
