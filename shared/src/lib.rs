@@ -23,6 +23,7 @@ pub mod progress;
 pub mod protocol;
 pub mod prune;
 pub mod robust;
+pub mod token_nll;
 pub mod tokenizer;
 #[cfg(feature = "net")]
 pub mod transport;

@@ -4,6 +4,7 @@
 use burn::tensor::{Int, Tensor};
 
 use crate::model::{Llama, TokenBatch};
+use crate::token_nll::token_nll;
 
 /// Negative log-likelihood of every next token, as a tensor (differentiable when the model is on
 /// an autodiff device).
@@ -23,13 +24,10 @@ pub fn next_token_nll(model: &Llama, batch: &TokenBatch) -> Tensor<2> {
         .hidden(batch.ids.clone(), lengths, None)
         .narrow(1, 0, seq - 1);
     let logits = model.logits(hidden);
-    let targets: Tensor<3, Int> = batch.ids.clone().narrow(1, 1, seq - 1).unsqueeze_dim(2);
-    // -log softmax(x)[t] = logsumexp(x) - x[t]: only the target's log-probability is needed,
-    // so the full log-softmax over the vocabulary is never materialised.
-    let picked = logits.clone().gather(2, targets);
-    let max = logits.clone().max_dim(2).detach();
-    let logsumexp = (logits - max.clone()).exp().sum_dim(2).log() + max;
-    (logsumexp - picked).squeeze_dim(2)
+    let targets: Tensor<2, Int> = batch.ids.clone().narrow(1, 1, seq - 1);
+    // -log softmax(x)[t] = logsumexp(x) - x[t], fused: the log-softmax over the vocabulary is
+    // never materialised, and the backward keeps only the logits.
+    token_nll(logits, targets)
 }
 
 /// Per-position negative log-likelihood (natural log) of each token given its prefix.

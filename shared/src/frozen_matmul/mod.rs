@@ -4,7 +4,7 @@
 //! weight that gets no gradient. burn's matmul treats both operands alike, so its backward runs
 //! `dY·Wᵀ` through a transposed view that the CPU kernel packs element by element. This
 //! operation knows the weight is frozen: its backward is the same operation with the other
-//! orientation, and on CPUs with AVX-512 it runs on `fedtune_sgemm`, which reads the weight in the
+//! orientation, and on CPUs with AVX-512 it runs on `fedtune_kernels::sgemm`, which reads the weight in the
 //! order it is stored. Elsewhere (other CPUs, wgpu) it is burn's own matmul.
 
 mod op;

@@ -11,7 +11,7 @@ use burn::backend::{Autodiff, Backend, Cube, Flex, backend_extension};
 use burn::tensor::{DType, Shape, TensorData};
 use burn_flex::FlexTensor;
 
-use fedtune_sgemm::{self as sgemm, Matrix, Output};
+use fedtune_kernels::sgemm::{self, Matrix, Output};
 
 /// The frozen-weight product, implemented by every backend fedtune runs on.
 #[backend_extension(Flex, Cube, Autodiff)]

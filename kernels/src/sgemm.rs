@@ -1,4 +1,4 @@
-//! fedtune-sgemm: a single-precision matrix product for x86-64 CPUs with AVX-512, shaped for what a training
+//! A single-precision matrix product for x86-64 CPUs with AVX-512, shaped for what a training
 //! step on a frozen model multiplies: a few hundred activation rows against a large weight.
 //!
 //! Why by hand: burn-flex multiplies with the `gemm` crate, which packs the weight into panels
@@ -15,8 +15,6 @@
 //! The micro-kernel keeps a 12 × 32 block of `C` in 24 of the 32 vector registers and adds one
 //! rank-1 update per step of `k`: two 16-lane loads of `B`, twelve broadcasts of `A`, 24 fused
 //! multiply-adds.
-
-#![warn(missing_docs)]
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;

@@ -1,0 +1,8 @@
+//! fedtune-kernels: the CPU kernels behind fedtune's custom burn operations, kept in their own
+//! crate so that they are compiled optimised and without debug checks in every profile (see
+//! the root `Cargo.toml`): a matrix product for frozen weights and the fused next-token loss.
+
+#![warn(missing_docs)]
+
+pub mod cross_entropy;
+pub mod sgemm;
