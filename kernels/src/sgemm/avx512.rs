@@ -7,6 +7,8 @@ use std::arch::x86_64::{
 };
 use std::mem::MaybeUninit;
 
+use std::ops::Range;
+
 use super::{Matrix, Output};
 
 /// Columns of `C` one micro-kernel call computes: two 16-lane registers.
@@ -122,9 +124,7 @@ impl Plan {
             // A is the larger operand (a weight read as `W·Xᵀ`): pack this part's columns of
             // B once and stream A's rows unpacked, each read from memory once.
             let mut packed_b = vec![0.0f32; cols.len() * k * NR];
-            for (q, panel) in cols.clone().enumerate() {
-                pack_b(b, 0, k, panel * NR, &mut packed_b[q * k * NR..][..k * NR]);
-            }
+            pack_b_panels(b, 0, k, cols.clone(), &mut packed_b);
             for block in rows {
                 let i0 = block * MR;
                 let height = MR.min(m - i0);
@@ -151,18 +151,19 @@ impl Plan {
                 }
             }
         } else {
-            // B is the larger operand (a weight read as `X·W`): pack A's rows for one depth
-            // pass, then each panel of B once and run it against every row block.
+            // B is the larger operand (a weight read as `X·W`): for one depth pass, pack A's
+            // rows and this part's panels of B, then run every panel against every row block.
             let mut packed_a = vec![0.0f32; rows.len() * MR * KC];
-            let mut packed_b = vec![0.0f32; KC * NR];
+            let mut packed_b = vec![0.0f32; cols.len() * KC * NR];
             for p0 in (0..k).step_by(KC) {
                 let depth = KC.min(k - p0);
                 for (q, block) in rows.clone().enumerate() {
                     pack_a(a, m, k, block * MR, p0, depth, &mut packed_a[q * MR * KC..]);
                 }
-                for panel in cols.clone() {
+                pack_b_panels(b, p0, depth, cols.clone(), &mut packed_b);
+                for (panel_index, panel) in cols.clone().enumerate() {
                     let j0 = panel * NR;
-                    pack_b(b, p0, depth, j0, &mut packed_b);
+                    let panel_b = &packed_b[panel_index * depth * NR..];
                     for (q, block) in rows.clone().enumerate() {
                         let i0 = block * MR;
                         let kernel = Kernel {
@@ -170,7 +171,7 @@ impl Plan {
                             a: packed_a[q * MR * KC..].as_ptr(),
                             a_row_stride: 1,
                             a_depth_stride: MR,
-                            b: packed_b.as_ptr(),
+                            b: panel_b.as_ptr(),
                             width: NR.min(n - j0),
                             c: tile(i0, j0),
                             ldc,
@@ -186,36 +187,45 @@ impl Plan {
     }
 }
 
-/// Copies `B[p0 .. p0+depth][j0 .. j0+NR]` to `out` as `[depth][NR]`, zeros past column `n`.
+/// Copies rows `p0 .. p0+depth` of B's column panels `panels` to `out` as
+/// `[panel][depth][NR]`, zeros past column `n`.
 ///
-/// A column-major `B` (an activation read transposed, `dY` in `W·dYᵀ`) is gathered here
-/// rather than transposed in a pass of its own.
-fn pack_b(b: Matrix<'_>, p0: usize, depth: usize, j0: usize, out: &mut [f32]) {
-    let width = NR.min(b.cols - j0);
-    let out = &mut out[..depth * NR];
+/// A row-major B (a weight) is read one whole row segment at a time: reading it panel by panel
+/// touched 128 bytes per row at a stride of the row length, which the hardware prefetchers do
+/// not follow, and made packing a sixth of a training step. A column-major B (an activation
+/// read transposed, `dY` in `W·dYᵀ`) is gathered here rather than transposed in a pass of its
+/// own.
+fn pack_b_panels(b: Matrix<'_>, p0: usize, depth: usize, panels: Range<usize>, out: &mut [f32]) {
+    let (first, count) = (panels.start, panels.len());
+    let out = &mut out[..count * depth * NR];
+    let j_start = first * NR;
+    let j_end = b.cols.min(panels.end * NR);
+    if j_end - j_start < count * NR {
+        out.fill(0.0);
+    }
     if b.column_major {
-        if width < NR {
-            out.fill(0.0);
-        }
-        for j in 0..width {
-            let column = &b.values[(j0 + j) * b.rows + p0..][..depth];
+        for j in j_start..j_end {
+            let (panel, lane) = ((j - j_start) / NR, (j - j_start) % NR);
+            let column = &b.values[j * b.rows + p0..][..depth];
+            let dst = &mut out[panel * depth * NR..][..depth * NR];
             for (p, &v) in column.iter().enumerate() {
-                out[p * NR + j] = v;
+                dst[p * NR + lane] = v;
             }
         }
-    } else {
-        for (p, dst) in out.chunks_exact_mut(NR).enumerate() {
-            let row = &b.values[(p0 + p) * b.cols + j0..][..width];
-            // A fixed-size copy compiles to two vector moves; a slice copy of 32 floats was a
-            // `memcpy` call per row, a twentieth of a training step.
-            if let (Ok(dst), Ok(src)) = (
+        return;
+    }
+    for p in 0..depth {
+        let row = &b.values[(p0 + p) * b.cols + j_start..(p0 + p) * b.cols + j_end];
+        for (panel, src) in row.chunks(NR).enumerate() {
+            let dst = &mut out[(panel * depth + p) * NR..][..NR];
+            // A fixed-size copy compiles to two vector moves; a slice copy of 32 floats is a
+            // `memcpy` call.
+            match (
                 <&mut [f32; NR]>::try_from(&mut *dst),
-                <&[f32; NR]>::try_from(row),
+                <&[f32; NR]>::try_from(src),
             ) {
-                *dst = *src;
-            } else {
-                dst[..width].copy_from_slice(row);
-                dst[width..].fill(0.0);
+                (Ok(dst), Ok(src)) => *dst = *src,
+                _ => dst[..src.len()].copy_from_slice(src),
             }
         }
     }
