@@ -122,21 +122,22 @@ impl Plan {
 
         if rows.len() * MR > cols.len() * NR {
             // A is the larger operand (a weight read as `W·Xᵀ`): pack this part's columns of
-            // B once and stream A's rows unpacked, each read from memory once.
+            // B once; A is read from memory once, a row block and depth pass at a time, packed
+            // into L1 and run against every panel.
             let mut packed_b = vec![0.0f32; cols.len() * k * NR];
             pack_b_panels(b, 0, k, cols.clone(), &mut packed_b);
+            let mut packed_a = vec![0.0f32; MR * KC];
             for block in rows {
                 let i0 = block * MR;
                 let height = MR.min(m - i0);
                 for p0 in (0..k).step_by(KC) {
                     let depth = KC.min(k - p0);
+                    pack_a(a, m, k, i0, p0, depth, &mut packed_a);
                     for (q, panel) in cols.clone().enumerate() {
                         let j0 = panel * NR;
                         let kernel = Kernel {
                             depth,
-                            a: a[i0 * k + p0..].as_ptr(),
-                            a_row_stride: k,
-                            a_depth_stride: 1,
+                            a: packed_a.as_ptr(),
                             b: packed_b[q * k * NR + p0 * NR..].as_ptr(),
                             width: NR.min(n - j0),
                             c: tile(i0, j0),
@@ -144,8 +145,9 @@ impl Plan {
                             transposed,
                             accumulate: p0 > 0,
                         };
-                        // SAFETY: the pointers cover `height` rows × `depth` of A, `depth`
-                        // packed rows of B and the tile of C.
+
+                        // SAFETY: the pointers cover `depth` packed rows of A and of B and the
+                        // tile of C.
                         unsafe { kernel.run(height) };
                     }
                 }
@@ -169,8 +171,6 @@ impl Plan {
                         let kernel = Kernel {
                             depth,
                             a: packed_a[q * MR * KC..].as_ptr(),
-                            a_row_stride: 1,
-                            a_depth_stride: MR,
                             b: panel_b.as_ptr(),
                             width: NR.min(n - j0),
                             c: tile(i0, j0),
@@ -178,7 +178,7 @@ impl Plan {
                             transposed,
                             accumulate: p0 > 0,
                         };
-                        // SAFETY: as above, with A packed `[depth][MR]`.
+                        // SAFETY: as above.
                         unsafe { kernel.run(MR.min(m - i0)) };
                     }
                 }
@@ -231,19 +231,16 @@ fn pack_b_panels(b: Matrix<'_>, p0: usize, depth: usize, panels: Range<usize>, o
     }
 }
 
-/// Copies `A[i0 .. i0+MR][p0 .. p0+depth]` to `out` as `[depth][MR]`, zeros past row `m`.
+/// Copies `A[i0 .. i0+MR][p0 .. p0+depth]` to `out` as `[MR][KC]` (row `r` at `r·KC`), zeros
+/// past row `m`: plain row copies, and the kernel's broadcasts of `A[r][p]` sit at the
+/// compile-time offsets `r·KC` from one moving pointer.
 fn pack_a(a: &[f32], m: usize, k: usize, i0: usize, p0: usize, depth: usize, out: &mut [f32]) {
     let height = MR.min(m - i0);
-    for r in 0..MR {
+    for (r, dst) in out.chunks_exact_mut(KC).take(MR).enumerate() {
         if r < height {
-            let row = &a[(i0 + r) * k + p0..][..depth];
-            for (p, &v) in row.iter().enumerate() {
-                out[p * MR + r] = v;
-            }
+            dst[..depth].copy_from_slice(&a[(i0 + r) * k + p0..][..depth]);
         } else {
-            for p in 0..depth {
-                out[p * MR + r] = 0.0;
-            }
+            dst[..depth].fill(0.0);
         }
     }
 }
@@ -251,10 +248,8 @@ fn pack_a(a: &[f32], m: usize, k: usize, i0: usize, p0: usize, depth: usize, out
 /// One micro-kernel call: a `height × width` tile of `C` from `depth` rank-1 updates.
 struct Kernel {
     depth: usize,
-    /// `A[r][p]` at `a + r·a_row_stride + p·a_depth_stride`.
+    /// `[MR][KC]`: `A[r][p]` at `a + r·KC + p`.
     a: *const f32,
-    a_row_stride: usize,
-    a_depth_stride: usize,
     /// `[depth][NR]`, zero past `width`.
     b: *const f32,
     width: usize,
@@ -296,11 +291,11 @@ impl Kernel {
                 let b0 = _mm512_loadu_ps(b);
                 let b1 = _mm512_loadu_ps(b.add(16));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(r * self.a_row_stride));
+                    let av = _mm512_set1_ps(*a.add(r * KC));
                     acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
-                a = a.add(self.a_depth_stride);
+                a = a.add(1);
                 b = b.add(NR);
             }
             if self.transposed {
