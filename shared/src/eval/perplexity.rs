@@ -4,7 +4,7 @@
 use burn::tensor::{Int, Tensor};
 
 use crate::model::{Llama, TokenBatch};
-use crate::token_nll::token_nll;
+use crate::ops::token_nll::token_nll;
 
 /// Negative log-likelihood of every next token, as a tensor (differentiable when the model is on
 /// an autodiff device).

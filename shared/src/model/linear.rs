@@ -10,8 +10,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor, TensorData, assert_shape};
 
-use crate::frozen_matmul::frozen_matmul;
 use crate::lora::LoraLayer;
+use crate::ops::frozen_matmul::frozen_matmul;
 
 /// `y = x W + b` with `W` of shape `[d_input, d_output]`, plus `s · x A B` when a LoRA adapter
 /// is attached.

@@ -13,7 +13,7 @@ use super::linear::Linear;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
 use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, MemorySource, WeightSource};
-use crate::frozen_matmul::frozen_matmul;
+use crate::ops::frozen_matmul::frozen_matmul;
 
 /// What [`Llama::hidden_observed`] shows each layer's projection inputs to, as
 /// `observe(layer, which, input)`.

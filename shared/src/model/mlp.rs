@@ -2,9 +2,9 @@
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::activation::silu;
 
 use super::linear::Linear;
+use crate::ops::swiglu::swiglu;
 
 /// SwiGLU MLP. An intermediate channel is one output unit of `gate_proj` and `up_proj` and one
 /// input unit of `down_proj`, which is how structured pruning removes it.
@@ -35,8 +35,7 @@ impl Mlp {
     /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq, intermediate]`
     pub fn activation(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        gate * self.up_proj.forward(x)
+        swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x))
     }
 
     /// Intermediate channels (the output width of `gate_proj`; per layer, since pruning removes

@@ -1,0 +1,7 @@
+//! fedtune's own burn operations for the training step's hot paths, each a backend extension
+//! with a fused CPU kernel (in `fedtune-kernels`), burn's own operations composed on other
+//! backends, and a hand-written backward for the autodiff wrapper.
+
+pub mod frozen_matmul;
+pub mod swiglu;
+pub mod token_nll;
