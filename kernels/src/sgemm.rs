@@ -27,6 +27,7 @@ mod avx512 {
         _: super::Matrix<'_>,
         _: super::Matrix<'_>,
         _: super::Output,
+        _: bool,
     ) -> Vec<f32> {
         unreachable!("`available` is false off x86-64")
     }
@@ -103,7 +104,19 @@ pub fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
     assert_eq!(a.cols, b.rows, "inner dimensions disagree");
     assert!(!a.column_major, "the left operand is read row by row");
     assert!(available(), "the AVX-512 kernel needs an AVX-512 CPU");
-    avx512::multiply(a, b, output)
+    avx512::multiply(a, b, output, true)
+}
+
+/// [`multiply`] on the calling thread alone: for callers that already run products in
+/// parallel (one attention head per task).
+///
+/// # Panics
+/// As [`multiply`].
+pub fn multiply_serial(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
+    assert_eq!(a.cols, b.rows, "inner dimensions disagree");
+    assert!(!a.column_major, "the left operand is read row by row");
+    assert!(available(), "the AVX-512 kernel needs an AVX-512 CPU");
+    avx512::multiply(a, b, output, false)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ const KC: usize = 256;
 const SERIAL_BELOW: usize = 1 << 18;
 
 /// `A·B` (see [`super::multiply`]; the caller has checked the shapes and the CPU).
-pub(crate) fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
+pub(crate) fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output, parallel: bool) -> Vec<f32> {
     let (m, n, k) = (a.rows, b.cols, a.cols);
     let mut c: Vec<MaybeUninit<f32>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation; every element is written below.
@@ -29,7 +29,7 @@ pub(crate) fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32>
     if k == 0 {
         c.fill(MaybeUninit::new(0.0));
     } else {
-        let plan = Plan::new(m, n, k, output);
+        let plan = Plan::new(m, n, k, output, parallel);
         let target = SharedOut(c.as_mut_ptr().cast::<f32>());
         let run = |part: usize| {
             // SAFETY: parts write disjoint tiles of `c`, which holds m·n floats; the slices
@@ -72,8 +72,8 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(m: usize, n: usize, k: usize, output: Output) -> Self {
-        let threads = if m * n * k < SERIAL_BELOW {
+    fn new(m: usize, n: usize, k: usize, output: Output, parallel: bool) -> Self {
+        let threads = if !parallel || m * n * k < SERIAL_BELOW {
             1
         } else {
             rayon::current_num_threads()

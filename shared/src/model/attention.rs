@@ -2,11 +2,11 @@
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use burn::tensor::activation::softmax;
 
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::rope::RopeTables;
+use crate::ops::attention::attention;
 
 /// Self-attention where `num_heads` query heads share `num_kv_heads` key/value heads.
 ///
@@ -78,17 +78,12 @@ impl Attention {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let total = k.dims()[2];
 
         // Query head h uses key/value head h / group. Folding each group's queries into the
-        // sequence axis lets one batched matmul serve the group without copying keys per head.
+        // sequence axis lets one product serve the group without copying keys per head.
         let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
-        let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
-        let scores = scores.reshape([batch, kv_heads, group, seq, total])
-            + bias.clone().unsqueeze_dim::<5>(2);
-        let probs = softmax(scores, 4).reshape([batch, kv_heads, group * seq, total]);
-        probs
-            .matmul(v)
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        attention(q, k, v, bias.clone(), scale)
             .reshape([batch, heads, seq, head_dim])
             .swap_dims(1, 2)
             .reshape([batch, seq, heads * head_dim])

@@ -2,6 +2,7 @@
 //! with a fused CPU kernel (in `fedtune-kernels`), burn's own operations composed on other
 //! backends, and a hand-written backward for the autodiff wrapper.
 
+pub mod attention;
 pub mod frozen_matmul;
 pub mod swiglu;
 pub mod token_nll;
