@@ -78,6 +78,10 @@ pub fn attention(
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     dims.check(q, k, v, bias);
+    assert!(
+        crate::sgemm::available(),
+        "attention runs on the AVX-512 matrix kernel"
+    );
     let Dims {
         seq,
         total,
@@ -90,28 +94,8 @@ pub fn attention(
         .zip(probs.par_chunks_mut(seq * total))
         .enumerate()
         .for_each(|(unit, (out, probs))| {
-            let qh = &q[unit * seq * head_dim..][..seq * head_dim];
-            let kh = &k[dims.kv_offset(unit)..][..total * head_dim];
-            let vh = &v[dims.kv_offset(unit)..][..total * head_dim];
-            let bias = &bias[dims.bias_offset(unit)..][..seq * total];
-            let scores = multiply_serial(
-                Matrix::row_major(qh, seq, head_dim),
-                Matrix::column_major(kh, head_dim, total),
-                Output::RowMajor,
-            );
-            for ((p, s), b) in probs
-                .chunks_exact_mut(total)
-                .zip(scores.chunks_exact(total))
-                .zip(bias.chunks_exact(total))
-            {
-                softmax_row(s, b, scale, p);
-            }
-            let o = multiply_serial(
-                Matrix::row_major(probs, seq, total),
-                Matrix::row_major(vh, total, head_dim),
-                Output::RowMajor,
-            );
-            out.copy_from_slice(&o);
+            // SAFETY: `check` asserted the shapes; the CPU has AVX-512 (asserted above).
+            unsafe { forward_head(q, k, v, bias, dims, scale, unit, out, probs) }
         });
     (out, probs)
 }
@@ -139,43 +123,14 @@ pub fn attention_grad(
     } = dims;
     assert_eq!(probs.len(), dims.heads() * seq * total, "probabilities");
     assert_eq!(d_out.len(), q.len(), "output gradient");
+    assert!(
+        crate::sgemm::available(),
+        "attention runs on the AVX-512 matrix kernel"
+    );
     let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..dims.heads())
         .into_par_iter()
-        .map(|unit| {
-            let qh = &q[unit * seq * head_dim..][..seq * head_dim];
-            let kh = &k[dims.kv_offset(unit)..][..total * head_dim];
-            let vh = &v[dims.kv_offset(unit)..][..total * head_dim];
-            let p = &probs[unit * seq * total..][..seq * total];
-            let d_o = &d_out[unit * seq * head_dim..][..seq * head_dim];
-            // dP = dO Vᵀ, then the softmax's backward: dS = P ⊙ (dP − Σ_t P dP), times scale.
-            let mut d_s = multiply_serial(
-                Matrix::row_major(d_o, seq, head_dim),
-                Matrix::column_major(vh, head_dim, total),
-                Output::RowMajor,
-            );
-            for (ds, p) in d_s.chunks_exact_mut(total).zip(p.chunks_exact(total)) {
-                let dot: f32 = ds.iter().zip(p).map(|(d, p)| d * p).sum();
-                for (d, &p) in ds.iter_mut().zip(p) {
-                    *d = scale * p * (*d - dot);
-                }
-            }
-            let d_q = multiply_serial(
-                Matrix::row_major(&d_s, seq, total),
-                Matrix::row_major(kh, total, head_dim),
-                Output::RowMajor,
-            );
-            let d_k = multiply_serial(
-                Matrix::row_major(&transpose(&d_s, seq, total), total, seq),
-                Matrix::row_major(qh, seq, head_dim),
-                Output::RowMajor,
-            );
-            let d_v = multiply_serial(
-                Matrix::row_major(&transpose(p, seq, total), total, seq),
-                Matrix::row_major(d_o, seq, head_dim),
-                Output::RowMajor,
-            );
-            (d_q, d_k, d_v)
-        })
+        // SAFETY: the shapes were asserted above; the CPU has AVX-512 (asserted above).
+        .map(|unit| unsafe { backward_head(q, k, v, probs, d_out, dims, scale, unit) })
         .collect();
 
     let mut d_q = Vec::with_capacity(q.len());
@@ -195,7 +150,112 @@ pub fn attention_grad(
     (d_q, d_k, d_v)
 }
 
+/// Query head `unit`'s output and probabilities.
+///
+/// # Safety
+/// The CPU has AVX-512; the slices match `dims`.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+unsafe fn forward_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bias: &[f32],
+    dims: Dims,
+    scale: f32,
+    unit: usize,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let Dims {
+        seq,
+        total,
+        head_dim,
+        ..
+    } = dims;
+    let qh = &q[unit * seq * head_dim..][..seq * head_dim];
+    let kh = &k[dims.kv_offset(unit)..][..total * head_dim];
+    let vh = &v[dims.kv_offset(unit)..][..total * head_dim];
+    let bias = &bias[dims.bias_offset(unit)..][..seq * total];
+    let scores = multiply_serial(
+        Matrix::row_major(qh, seq, head_dim),
+        Matrix::column_major(kh, head_dim, total),
+        Output::RowMajor,
+    );
+    for ((p, s), b) in probs
+        .chunks_exact_mut(total)
+        .zip(scores.chunks_exact(total))
+        .zip(bias.chunks_exact(total))
+    {
+        softmax_row(s, b, scale, p);
+    }
+    let o = multiply_serial(
+        Matrix::row_major(probs, seq, total),
+        Matrix::row_major(vh, total, head_dim),
+        Output::RowMajor,
+    );
+    out.copy_from_slice(&o);
+}
+
+/// Query head `unit`'s `(dQ, dK part, dV part)`.
+///
+/// # Safety
+/// The CPU has AVX-512; the slices match `dims`.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+unsafe fn backward_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    d_out: &[f32],
+    dims: Dims,
+    scale: f32,
+    unit: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let Dims {
+        seq,
+        total,
+        head_dim,
+        ..
+    } = dims;
+    let qh = &q[unit * seq * head_dim..][..seq * head_dim];
+    let kh = &k[dims.kv_offset(unit)..][..total * head_dim];
+    let vh = &v[dims.kv_offset(unit)..][..total * head_dim];
+    let p = &probs[unit * seq * total..][..seq * total];
+    let d_o = &d_out[unit * seq * head_dim..][..seq * head_dim];
+    // dP = dO Vᵀ, then the softmax's backward: dS = P ⊙ (dP − Σ_t P dP), times scale.
+    let mut d_s = multiply_serial(
+        Matrix::row_major(d_o, seq, head_dim),
+        Matrix::column_major(vh, head_dim, total),
+        Output::RowMajor,
+    );
+    for (ds, p) in d_s.chunks_exact_mut(total).zip(p.chunks_exact(total)) {
+        let dot: f32 = ds.iter().zip(p).map(|(d, p)| d * p).sum();
+        for (d, &p) in ds.iter_mut().zip(p) {
+            *d = scale * p * (*d - dot);
+        }
+    }
+    let d_q = multiply_serial(
+        Matrix::row_major(&d_s, seq, total),
+        Matrix::row_major(kh, total, head_dim),
+        Output::RowMajor,
+    );
+    let d_k = multiply_serial(
+        Matrix::row_major(&transpose(&d_s, seq, total), total, seq),
+        Matrix::row_major(qh, seq, head_dim),
+        Output::RowMajor,
+    );
+    let d_v = multiply_serial(
+        Matrix::row_major(&transpose(p, seq, total), total, seq),
+        Matrix::row_major(d_o, seq, head_dim),
+        Output::RowMajor,
+    );
+    (d_q, d_k, d_v)
+}
+
 /// `m` (`rows × cols`, row-major) transposed.
+#[inline(always)]
 fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; rows * cols];
     for (i, row) in m.chunks_exact(cols).enumerate() {
@@ -207,6 +267,7 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// `p = softmax(scale · s + bias)`.
+#[inline(always)]
 fn softmax_row(s: &[f32], bias: &[f32], scale: f32, p: &mut [f32]) {
     let mut max = f32::NEG_INFINITY;
     for ((p, &s), &b) in p.iter_mut().zip(s).zip(bias) {

@@ -151,7 +151,7 @@ fn scaled_softmax_body(row: &[f32], lse: f32, g: f32, out: &mut [f32]) {
     }
 }
 
-/// `e^x` to within 2 ulp over float32's normal range, branch-free so that loops over it
+/// `e^x` to within 3 ulp over float32's normal range, branch-free so that loops over it
 /// vectorise (Cephes' `expf`: `x = n ln 2 + r`, a degree-6 polynomial for `e^r`, `2^n` from
 /// the exponent bits). Below `−87.3` the result is exactly 0 rather than a subnormal: a masked
 /// attention score or a hopeless word then contributes an exact zero, and no subnormal reaches
@@ -165,15 +165,21 @@ pub fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     let underflow = x < -87.3;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2_E + 0.5).floor();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    // Rounded to the nearest integer by adding and removing 1.5 · 2^23 (which leaves no
+    // fraction bits), branch-free and with no call to libm's `floorf` outside SSE4.1.
+    const ROUND: f32 = 12_582_912.0;
+    let n = (x * LOG2_E + ROUND) - ROUND;
+    // Plain products and sums rather than `mul_add`: without the FMA target feature (every
+    // caller's fallback path) `mul_add` is a call to libm's correctly rounded `fmaf`. `n · LN2_HI`
+    // is exact, so the reduction loses nothing.
+    let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_2e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
-    let y = (p * r).mul_add(r, r) + 1.0;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
     let e = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
     if underflow { 0.0 } else { e }
 }
@@ -183,7 +189,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_exponential_is_within_two_ulp_of_libm() {
+    fn the_exponential_is_within_three_ulp_of_libm() {
         let mut worst = 0.0f64;
         let mut x = -87.0f32;
         while x < 88.3 {
@@ -191,7 +197,7 @@ mod tests {
             worst = worst.max((got - want).abs() / want);
             x += 0.0137;
         }
-        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert!(worst < 3.6e-7, "relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(-87.4), 0.0);
         assert_eq!(exp(-1000.0), 0.0);
