@@ -124,9 +124,9 @@ impl Plan {
             // A is the larger operand (a weight read as `W·Xᵀ`): pack this part's columns of
             // B once; A is read from memory once, a row block and depth pass at a time, packed
             // into L1 and run against every panel.
-            let mut packed_b = vec![0.0f32; cols.len() * k * NR];
+            let mut packed_b = Scratch::take(Scratch::B, cols.len() * k * NR);
             pack_b_panels(b, 0, k, cols.clone(), &mut packed_b);
-            let mut packed_a = vec![0.0f32; MR * KC];
+            let mut packed_a = Scratch::take(Scratch::A, MR * KC);
             for block in rows {
                 let i0 = block * MR;
                 let height = MR.min(m - i0);
@@ -155,8 +155,8 @@ impl Plan {
         } else {
             // B is the larger operand (a weight read as `X·W`): for one depth pass, pack A's
             // rows and this part's panels of B, then run every panel against every row block.
-            let mut packed_a = vec![0.0f32; rows.len() * MR * KC];
-            let mut packed_b = vec![0.0f32; cols.len() * KC * NR];
+            let mut packed_a = Scratch::take(Scratch::A, rows.len() * MR * KC);
+            let mut packed_b = Scratch::take(Scratch::B, cols.len() * KC * NR);
             for p0 in (0..k).step_by(KC) {
                 let depth = KC.min(k - p0);
                 for (q, block) in rows.clone().enumerate() {
@@ -184,6 +184,55 @@ impl Plan {
                 }
             }
         }
+    }
+}
+
+/// A packing buffer borrowed from the thread's own and given back when dropped: a training
+/// step multiplies about 400 times, and allocating (and zeroing) fresh buffers each time cost
+/// page faults and a `memset` of up to 800 KB per product.
+struct Scratch {
+    which: usize,
+    buffer: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+impl Scratch {
+    const A: usize = 0;
+    const B: usize = 1;
+
+    /// At least `len` floats (their values are whatever the last product left: packing
+    /// writes every value the kernel reads).
+    fn take(which: usize, len: usize) -> Self {
+        let mut buffer = SCRATCH.with(|s| std::mem::take(&mut s.borrow_mut()[which]));
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
+        Self { which, buffer }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buffer
+    }
+}
+
+impl std::ops::DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.buffer
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.buffer);
+        let which = self.which;
+        // A thread being torn down has no scratch left to return to; the buffer is freed.
+        let _ = SCRATCH.try_with(|s| s.borrow_mut()[which] = buffer);
     }
 }
 
