@@ -6,9 +6,8 @@
 //! backward), each on one core and each allocating its result. Here a query head's scores,
 //! probabilities and products stay in one task, and the heads run on every core.
 
-use rayon::prelude::*;
-
 use crate::cross_entropy::exp;
+use crate::pool::{Pieces, run_parts};
 use crate::sgemm::{Matrix, Output, multiply_serial};
 
 /// The shapes of one call.
@@ -90,13 +89,16 @@ pub fn attention(
     } = dims;
     let mut out = vec![0.0f32; dims.heads() * seq * head_dim];
     let mut probs = vec![0.0f32; dims.heads() * seq * total];
-    out.par_chunks_mut(seq * head_dim)
-        .zip(probs.par_chunks_mut(seq * total))
-        .enumerate()
-        .for_each(|(unit, (out, probs))| {
-            // SAFETY: `check` asserted the shapes; the CPU has AVX-512 (asserted above).
-            unsafe { forward_head(q, k, v, bias, dims, scale, unit, out, probs) }
-        });
+    let out_pieces = Pieces::new(&mut out, seq * head_dim);
+    let prob_pieces = Pieces::new(&mut probs, seq * total);
+    run_parts(dims.heads(), &|unit| {
+        // SAFETY: each part takes its own head's pieces; the buffers outlive `run_parts`; the
+        // shapes were checked and the CPU has AVX-512 (asserted above).
+        unsafe {
+            let (out, probs) = (out_pieces.get(unit), prob_pieces.get(unit));
+            forward_head(q, k, v, bias, dims, scale, unit, out, probs);
+        }
+    });
     (out, probs)
 }
 
@@ -127,16 +129,24 @@ pub fn attention_grad(
         crate::sgemm::available(),
         "attention runs on the AVX-512 matrix kernel"
     );
-    let parts: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..dims.heads())
-        .into_par_iter()
-        // SAFETY: the shapes were asserted above; the CPU has AVX-512 (asserted above).
-        .map(|unit| unsafe { backward_head(q, k, v, probs, d_out, dims, scale, unit) })
+    let slots: Vec<std::sync::Mutex<Option<(Vec<f32>, Vec<f32>, Vec<f32>)>>> = (0..dims.heads())
+        .map(|_| std::sync::Mutex::new(None))
         .collect();
+    run_parts(dims.heads(), &|unit| {
+        // SAFETY: the shapes were asserted above; the CPU has AVX-512 (asserted above).
+        let part = unsafe { backward_head(q, k, v, probs, d_out, dims, scale, unit) };
+        *slots[unit].lock().expect("a slot is never poisoned") = Some(part);
+    });
+    let parts = slots.into_iter().map(|slot| {
+        slot.into_inner()
+            .expect("a slot is never poisoned")
+            .expect("every head ran")
+    });
 
     let mut d_q = Vec::with_capacity(q.len());
     let mut d_k = vec![0.0f32; k.len()];
     let mut d_v = vec![0.0f32; v.len()];
-    for (unit, (dq, dk, dv)) in parts.into_iter().enumerate() {
+    for (unit, (dq, dk, dv)) in parts.enumerate() {
         d_q.extend_from_slice(&dq);
         // The group's query heads share a key/value head: their gradients add up there.
         let at = (unit / group) * total * head_dim;

@@ -6,7 +6,7 @@
 //! fresh one, and evaluated every exponential through libm one element at a time on one core.
 //! Here rows run in parallel and the exponential is a polynomial the compiler vectorises.
 
-use rayon::prelude::*;
+use crate::pool::{Pieces, run_parts};
 
 /// Rows below this many logits in all run on the calling thread.
 const SERIAL_BELOW: usize = 1 << 16;
@@ -18,16 +18,28 @@ const SERIAL_BELOW: usize = 1 << 16;
 /// `vocab`.
 pub fn token_nll(logits: &[f32], vocab: usize, targets: &[usize]) -> Vec<f32> {
     check(logits, vocab, targets);
-    let row = |(values, &target): (&[f32], &usize)| log_sum_exp(values) - values[target];
-    if logits.len() < SERIAL_BELOW {
-        logits.chunks_exact(vocab).zip(targets).map(row).collect()
-    } else {
-        logits
-            .par_chunks_exact(vocab)
-            .zip(targets.par_iter())
-            .map(row)
-            .collect()
+    let mut nll = vec![0.0f32; targets.len()];
+    let rows_per_part = rows_per_part(logits.len(), vocab, targets.len());
+    let pieces = Pieces::new(&mut nll, rows_per_part);
+    run_parts(pieces.count(), &|i| {
+        // SAFETY: each part takes its own piece; `nll` outlives `run_parts`.
+        let out = unsafe { pieces.get(i) };
+        for (r, o) in (i * rows_per_part..).zip(out.iter_mut()) {
+            let values = &logits[r * vocab..(r + 1) * vocab];
+            *o = log_sum_exp(values) - values[targets[r]];
+        }
+    });
+    nll
+}
+
+/// Rows per parallel part: all of them when the logits are few, else about four parts per
+/// thread.
+fn rows_per_part(len: usize, vocab: usize, rows: usize) -> usize {
+    if len < SERIAL_BELOW {
+        return rows.max(1);
     }
+    let _ = vocab;
+    rows.div_ceil(4 * crate::pool::threads()).max(1)
 }
 
 /// The gradient of `Σ_r upstream[r] · nll[r]` with respect to the logits:
@@ -48,22 +60,18 @@ pub fn token_nll_grad(
         "one upstream gradient per row"
     );
     let mut grad = vec![0.0f32; logits.len()];
-    let row = |((out, values), (&target, &g)): ((&mut [f32], &[f32]), (&usize, &f32))| {
-        let lse = log_sum_exp(values);
-        scaled_softmax(values, lse, g, out);
-        out[target] -= g;
-    };
-    if logits.len() < SERIAL_BELOW {
-        grad.chunks_exact_mut(vocab)
-            .zip(logits.chunks_exact(vocab))
-            .zip(targets.iter().zip(upstream))
-            .for_each(row);
-    } else {
-        grad.par_chunks_exact_mut(vocab)
-            .zip(logits.par_chunks_exact(vocab))
-            .zip(targets.par_iter().zip(upstream.par_iter()))
-            .for_each(row);
-    }
+    let rows_per_part = rows_per_part(logits.len(), vocab, targets.len());
+    let pieces = Pieces::new(&mut grad, rows_per_part * vocab);
+    run_parts(pieces.count(), &|i| {
+        // SAFETY: each part takes its own piece; `grad` outlives `run_parts`.
+        let out = unsafe { pieces.get(i) };
+        for (r, out) in (i * rows_per_part..).zip(out.chunks_exact_mut(vocab)) {
+            let values = &logits[r * vocab..(r + 1) * vocab];
+            let g = upstream[r];
+            scaled_softmax(values, log_sum_exp(values), g, out);
+            out[targets[r]] -= g;
+        }
+    });
     grad
 }
 

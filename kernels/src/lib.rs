@@ -7,5 +7,6 @@
 
 pub mod attention;
 pub mod cross_entropy;
+pub mod pool;
 pub mod sgemm;
 pub mod swiglu;

@@ -95,7 +95,7 @@ impl<'a> Matrix<'a> {
     }
 }
 
-/// `A·B` written as `output` says, on rayon's pool. `A` must be row-major; `B` may be either.
+/// `A·B` written as `output` says, split over [`crate::pool`]'s threads. `A` must be row-major; `B` may be either.
 ///
 /// # Panics
 /// When the inner dimensions disagree, `A` is column-major, or the CPU lacks AVX-512 (check

@@ -4,9 +4,8 @@
 //! the `[tokens, intermediate]` matrices per layer, each on one core with a libm `exp` per
 //! element; here each direction is one pass, on every core, with a vectorised exponential.
 
-use rayon::prelude::*;
-
 use crate::cross_entropy::exp;
+use crate::pool::{Pieces, run_parts};
 
 /// Elements per parallel task: big enough to amortise scheduling, small enough to share out a
 /// 128 × 1536 activation.
@@ -19,9 +18,13 @@ const CHUNK: usize = 1 << 14;
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "gate and up differ in length");
     let mut out = vec![0.0f32; gate.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(out, (gate, up))| forward_chunk(gate, up, out));
+    let pieces = Pieces::new(&mut out, CHUNK);
+    run_parts(pieces.count(), &|i| {
+        // SAFETY: each part takes its own piece; `out` outlives `run_parts`.
+        let out = unsafe { pieces.get(i) };
+        let at = i * CHUNK;
+        forward_chunk(&gate[at..at + out.len()], &up[at..at + out.len()], out);
+    });
     out
 }
 
@@ -37,14 +40,20 @@ pub fn swiglu_grad(gate: &[f32], up: &[f32], grad: &[f32]) -> (Vec<f32>, Vec<f32
     );
     let mut d_gate = vec![0.0f32; gate.len()];
     let mut d_up = vec![0.0f32; gate.len()];
-    d_gate
-        .par_chunks_mut(CHUNK)
-        .zip(d_up.par_chunks_mut(CHUNK))
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .zip(grad.par_chunks(CHUNK))
-        .for_each(|(((d_gate, d_up), (gate, up)), grad)| {
-            backward_chunk(gate, up, grad, d_gate, d_up);
-        });
+    let gate_pieces = Pieces::new(&mut d_gate, CHUNK);
+    let up_pieces = Pieces::new(&mut d_up, CHUNK);
+    run_parts(gate_pieces.count(), &|i| {
+        // SAFETY: each part takes its own pieces; the buffers outlive `run_parts`.
+        let (d_gate, d_up) = unsafe { (gate_pieces.get(i), up_pieces.get(i)) };
+        let range = i * CHUNK..i * CHUNK + d_gate.len();
+        backward_chunk(
+            &gate[range.clone()],
+            &up[range.clone()],
+            &grad[range],
+            d_gate,
+            d_up,
+        );
+    });
     (d_gate, d_up)
 }
 

@@ -36,16 +36,7 @@ pub(crate) fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output, parallel: b
             // hold their shapes (asserted above); the CPU has AVX-512 (asserted above).
             unsafe { plan.run_part(part, a.values, b, target) }
         };
-        if plan.parts == 1 {
-            run(0);
-        } else {
-            rayon::scope(|scope| {
-                for part in 1..plan.parts {
-                    scope.spawn(move |_| run(part));
-                }
-                run(0);
-            });
-        }
+        crate::pool::run_parts(plan.parts, &run);
     }
     let mut c = std::mem::ManuallyDrop::new(c);
     // SAFETY: every element was written (each tile's first depth pass stores without reading),
@@ -56,7 +47,7 @@ pub(crate) fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output, parallel: b
 /// The output pointer, shared by parts that write disjoint tiles.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// SAFETY: parts write disjoint elements and the scope joins them before the buffer is read.
+// SAFETY: parts write disjoint elements and `run_parts` joins them before the buffer is read.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -76,7 +67,7 @@ impl Plan {
         let threads = if !parallel || m * n * k < SERIAL_BELOW {
             1
         } else {
-            rayon::current_num_threads()
+            crate::pool::threads()
         };
         let panels = n.div_ceil(NR);
         let blocks = m.div_ceil(MR);
