@@ -8,5 +8,6 @@
 pub mod attention;
 pub mod cross_entropy;
 pub mod pool;
+pub mod rms_norm;
 pub mod sgemm;
 pub mod swiglu;

@@ -8,6 +8,7 @@ use super::attention::Attention;
 use super::kv_cache::KvCache;
 use super::mlp::Mlp;
 use super::rope::RopeTables;
+use crate::ops::rms_norm;
 
 /// A projection input that a [`DecoderLayer::forward_observed`] observer sees: the inputs of
 /// the two projections structured pruning shrinks along their input axis.
@@ -64,14 +65,17 @@ impl DecoderLayer {
         cache: Option<(&mut KvCache, usize)>,
         observe: &mut dyn FnMut(ProjectionInput, &Tensor<3>),
     ) -> Tensor<3> {
-        let context = self
-            .attention
-            .context(self.input_norm.forward(x.clone()), rope, bias, cache);
+        let context = self.attention.context(
+            rms_norm::apply(&self.input_norm, x.clone()),
+            rope,
+            bias,
+            cache,
+        );
         observe(ProjectionInput::OProj, &context);
         let h = x + self.attention.o_proj.forward(context);
         let inner = self
             .mlp
-            .activation(self.post_attention_norm.forward(h.clone()));
+            .activation(rms_norm::apply(&self.post_attention_norm, h.clone()));
         observe(ProjectionInput::DownProj, &inner);
         h + self.mlp.down_proj.forward(inner)
     }

@@ -14,6 +14,7 @@ use super::mlp::Mlp;
 use super::rope::RopeTables;
 use crate::checkpoint::{CheckpointError, LayerTensor, LlamaTensor, MemorySource, WeightSource};
 use crate::ops::frozen_matmul::frozen_matmul;
+use crate::ops::rms_norm;
 
 /// What [`Llama::hidden_observed`] shows each layer's projection inputs to, as
 /// `observe(layer, which, input)`.
@@ -264,7 +265,7 @@ impl Llama {
                 None => layer.forward(x, &rope, &bias, cache),
             };
         }
-        self.norm.forward(x)
+        rms_norm::apply(&self.norm, x)
     }
 
     /// Next-token logits from hidden states.

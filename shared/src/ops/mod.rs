@@ -4,5 +4,6 @@
 
 pub mod attention;
 pub mod frozen_matmul;
+pub mod rms_norm;
 pub mod swiglu;
 pub mod token_nll;
