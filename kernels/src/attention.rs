@@ -298,18 +298,7 @@ fn softmax_row(s: &[f32], bias: &[f32], scale: f32, p: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..len)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::test_values::values;
 
     /// `Σ w · attention(q, k, v)` in f64, straight from the definition.
     fn objective(

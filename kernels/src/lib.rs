@@ -11,3 +11,5 @@ pub mod pool;
 pub mod rms_norm;
 pub mod sgemm;
 pub mod swiglu;
+#[cfg(test)]
+mod test_values;

@@ -2,6 +2,7 @@
 //! operation: on burn-flex (with AVX-512) one task per query head forward and backward
 //! (`fedtune_kernels::attention`); elsewhere burn's own operations, differentiated by burn.
 
+use crate::ops::host_tensor::{contiguous, f32s};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -133,18 +134,6 @@ fn composed<X: Backend>(
         Shape::new([d.batch, d.kv_heads, d.group * d.seq, d.total]),
     );
     X::float_matmul(probs, v)
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn f32s(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous float32 tensor")
 }
 
 impl AttentionKernels for Flex {

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod frozen_matmul;
+mod host_tensor;
 pub mod rms_norm;
 pub mod swiglu;
 pub mod token_nll;

@@ -2,6 +2,7 @@
 //! operation (in `x`): on burn-flex one parallel pass each way (`fedtune_kernels::rms_norm`),
 //! elsewhere burn's own operations, differentiated by burn.
 
+use crate::ops::host_tensor::{contiguous, f32s};
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -82,18 +83,6 @@ fn composed<X: Backend>(x: FloatTensor<X>, gamma: FloatTensor<X>, epsilon: f32) 
     gamma_shape.push(shape[last]);
     let gamma = X::float_reshape(gamma, Shape::from(gamma_shape));
     X::float_mul(X::float_div(x, rms), gamma)
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
-}
-
-fn f32s(t: &FlexTensor) -> &[f32] {
-    t.as_slice::<f32>().expect("a contiguous float32 tensor")
 }
 
 impl RmsNormKernels for Flex {

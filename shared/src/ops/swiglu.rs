@@ -1,6 +1,7 @@
 //! The SwiGLU activation `silu(gate) · up` as one differentiable operation: on burn-flex one
 //! parallel pass each way (`fedtune_kernels::swiglu`), elsewhere burn's own operations.
 
+use crate::ops::host_tensor::contiguous;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -59,15 +60,6 @@ fn composed_grad<B: Backend>(
     let slope = B::float_add(s.clone(), B::float_mul(B::float_mul(gate, s), one_minus));
     let d_gate = B::float_mul(B::float_mul(grad, up), slope);
     (d_gate, d_up)
-}
-
-/// The values of a float32 tensor, contiguous.
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
 }
 
 impl SwigluBackend for Flex {

@@ -11,6 +11,7 @@ use burn::backend::{Autodiff, Backend, Cube, Flex, backend_extension};
 use burn::tensor::{DType, Shape, TensorData};
 use burn_flex::FlexTensor;
 
+use crate::ops::host_tensor::contiguous;
 use fedtune_kernels::sgemm::{self, Matrix, Output};
 
 /// The frozen-weight product, implemented by every backend fedtune runs on.
@@ -48,16 +49,7 @@ impl FrozenMatmulBackend for Flex {
         if !sgemm::available() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
             return with_matmul::<Flex>(x, w, transposed);
         }
-        let x = if x.is_contiguous() {
-            x
-        } else {
-            x.to_contiguous()
-        };
-        let w = if w.is_contiguous() {
-            w
-        } else {
-            w.to_contiguous()
-        };
+        let (x, w) = (contiguous(x), contiguous(w));
         let (Some(xs), Some(ws)) = (x.as_slice::<f32>(), w.as_slice::<f32>()) else {
             return with_matmul::<Flex>(x, w, transposed);
         };

@@ -2,6 +2,7 @@
 //! backend operations on CubeCL runtimes, and a backward for the autodiff wrapper that keeps
 //! only the logits.
 
+use crate::ops::host_tensor::contiguous;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -84,14 +85,6 @@ fn indices(targets: FlexTensor) -> Vec<usize> {
         .iter::<i64>()
         .map(|t| usize::try_from(t).unwrap_or(usize::MAX))
         .collect()
-}
-
-fn contiguous(t: FlexTensor) -> FlexTensor {
-    if t.is_contiguous() {
-        t
-    } else {
-        t.to_contiguous()
-    }
 }
 
 impl TokenNllBackend for Flex {
