@@ -118,23 +118,48 @@ impl Plan {
             let mut packed_b = Scratch::take(Scratch::B, cols.len() * k * NR);
             pack_b_panels(b, 0, k, cols.clone(), &mut packed_b);
             let mut packed_a = Scratch::take(Scratch::A, MR * KC);
+            // A transposed output keeps its partial sums row-major (one row block, all this
+            // part's panels) until the last depth pass, which adds them and stores once:
+            // accumulating into the transposed layout was a scalar read-modify-write per
+            // element and pass.
+            let partial_ld = cols.len() * NR;
+            let mut partial =
+                Scratch::take(Scratch::C, if transposed { MR * partial_ld } else { 0 });
+            let partial_at = SharedOut(partial.as_mut_ptr());
             for block in rows {
                 let i0 = block * MR;
                 let height = MR.min(m - i0);
                 for p0 in (0..k).step_by(KC) {
                     let depth = KC.min(k - p0);
+                    let last = p0 + depth == k;
                     pack_a(a, m, k, i0, p0, depth, &mut packed_a);
                     for (q, panel) in cols.clone().enumerate() {
                         let j0 = panel * NR;
+                        // SAFETY: q·NR < partial_ld: inside `partial` (when transposed).
+                        let partial_tile = unsafe { partial_at.0.add(q * NR) };
+                        let (c, ldc, to_transposed, accumulate, from_partial) =
+                            match (transposed, last) {
+                                (false, _) => (tile(i0, j0), ldc, false, p0 > 0, None),
+                                (true, false) => (partial_tile, partial_ld, false, p0 > 0, None),
+                                (true, true) => (
+                                    tile(i0, j0),
+                                    ldc,
+                                    true,
+                                    false,
+                                    (p0 > 0).then_some(partial_tile.cast_const()),
+                                ),
+                            };
                         let kernel = Kernel {
                             depth,
                             a: packed_a.as_ptr(),
                             b: packed_b[q * k * NR + p0 * NR..].as_ptr(),
                             width: NR.min(n - j0),
-                            c: tile(i0, j0),
+                            c,
                             ldc,
-                            transposed,
-                            accumulate: p0 > 0,
+                            transposed: to_transposed,
+                            accumulate,
+                            partial: from_partial,
+                            partial_ld,
                         };
 
                         // SAFETY: the pointers cover `depth` packed rows of A and of B and the
@@ -168,6 +193,8 @@ impl Plan {
                             ldc,
                             transposed,
                             accumulate: p0 > 0,
+                            partial: None,
+                            partial_ld: 0,
                         };
                         // SAFETY: as above.
                         unsafe { kernel.run(MR.min(m - i0)) };
@@ -187,12 +214,13 @@ struct Scratch {
 }
 
 thread_local! {
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
 impl Scratch {
     const A: usize = 0;
     const B: usize = 1;
+    const C: usize = 2;
 
     /// At least `len` floats (their values are whatever the last product left: packing
     /// writes every value the kernel reads).
@@ -298,6 +326,9 @@ struct Kernel {
     transposed: bool,
     /// Add to `C` instead of storing (every depth pass after the first).
     accumulate: bool,
+    /// Row-major partial sums (`partial_ld` apart) to add before a transposed store.
+    partial: Option<*const f32>,
+    partial_ld: usize,
 }
 
 impl Kernel {
@@ -382,6 +413,22 @@ impl Kernel {
             for (row, acc) in tile.iter_mut().zip(acc) {
                 _mm512_storeu_ps(row.as_mut_ptr(), acc[0]);
                 _mm512_storeu_ps(row.as_mut_ptr().add(16), acc[1]);
+            }
+            if let Some(partial) = self.partial {
+                for (r, row) in tile.iter_mut().enumerate() {
+                    let from = partial.add(r * self.partial_ld);
+                    _mm512_storeu_ps(
+                        row.as_mut_ptr(),
+                        _mm512_add_ps(_mm512_loadu_ps(row.as_ptr()), _mm512_loadu_ps(from)),
+                    );
+                    _mm512_storeu_ps(
+                        row.as_mut_ptr().add(16),
+                        _mm512_add_ps(
+                            _mm512_loadu_ps(row.as_ptr().add(16)),
+                            _mm512_loadu_ps(from.add(16)),
+                        ),
+                    );
+                }
             }
             for j in 0..self.width {
                 let c = self.c.add(j * self.ldc);
