@@ -19,7 +19,7 @@ const SERIAL_BELOW: usize = 1 << 16;
 pub fn token_nll(logits: &[f32], vocab: usize, targets: &[usize]) -> Vec<f32> {
     check(logits, vocab, targets);
     let mut nll = vec![0.0f32; targets.len()];
-    let rows_per_part = rows_per_part(logits.len(), vocab, targets.len());
+    let rows_per_part = rows_per_part(logits.len(), targets.len());
     let pieces = Pieces::new(&mut nll, rows_per_part);
     run_parts(pieces.count(), &|i| {
         // SAFETY: each part takes its own piece; `nll` outlives `run_parts`.
@@ -34,11 +34,10 @@ pub fn token_nll(logits: &[f32], vocab: usize, targets: &[usize]) -> Vec<f32> {
 
 /// Rows per parallel part: all of them when the logits are few, else about four parts per
 /// thread.
-fn rows_per_part(len: usize, vocab: usize, rows: usize) -> usize {
+fn rows_per_part(len: usize, rows: usize) -> usize {
     if len < SERIAL_BELOW {
         return rows.max(1);
     }
-    let _ = vocab;
     rows.div_ceil(4 * crate::pool::threads()).max(1)
 }
 
@@ -60,7 +59,7 @@ pub fn token_nll_grad(
         "one upstream gradient per row"
     );
     let mut grad = vec![0.0f32; logits.len()];
-    let rows_per_part = rows_per_part(logits.len(), vocab, targets.len());
+    let rows_per_part = rows_per_part(logits.len(), targets.len());
     let pieces = Pieces::new(&mut grad, rows_per_part * vocab);
     run_parts(pieces.count(), &|i| {
         // SAFETY: each part takes its own piece; `grad` outlives `run_parts`.

@@ -117,23 +117,26 @@ pub fn run_parts(parts: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// A slice cut into pieces that parallel parts write, one part per piece.
-pub(crate) struct Pieces<T> {
+/// A slice cut into pieces that parallel parts write, one part per piece. It borrows the
+/// slice, so the slice outlives every piece.
+pub(crate) struct Pieces<'a, T> {
     base: *mut T,
     len: usize,
     piece: usize,
+    slice: std::marker::PhantomData<&'a mut [T]>,
 }
 
 // SAFETY: each piece is handed to one part only (see `get`), so no element is shared.
-unsafe impl<T: Send> Sync for Pieces<T> {}
+unsafe impl<T: Send> Sync for Pieces<'_, T> {}
 
-impl<T> Pieces<T> {
+impl<'a, T> Pieces<'a, T> {
     /// `data` in pieces of `piece` elements (the last may be shorter).
-    pub(crate) fn new(data: &mut [T], piece: usize) -> Self {
+    pub(crate) fn new(data: &'a mut [T], piece: usize) -> Self {
         Self {
             base: data.as_mut_ptr(),
             len: data.len(),
             piece: piece.max(1),
+            slice: std::marker::PhantomData,
         }
     }
 
@@ -145,8 +148,7 @@ impl<T> Pieces<T> {
     /// Piece `i`.
     ///
     /// # Safety
-    /// At most one caller at a time holds piece `i`, and the slice given to [`Self::new`]
-    /// outlives it.
+    /// At most one caller at a time holds piece `i`.
     #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn get(&self, i: usize) -> &mut [T] {
         let start = (i * self.piece).min(self.len);

@@ -65,16 +65,7 @@ impl<'a> Matrix<'a> {
     /// # Panics
     /// When `values` is shorter than `rows · cols`.
     pub fn row_major(values: &'a [f32], rows: usize, cols: usize) -> Self {
-        assert!(
-            values.len() >= rows * cols,
-            "a matrix needs rows × cols values"
-        );
-        Self {
-            values,
-            rows,
-            cols,
-            column_major: false,
-        }
+        Self::new(values, rows, cols, false)
     }
 
     /// `values` holds the columns one after the other (the row-major transpose).
@@ -82,6 +73,10 @@ impl<'a> Matrix<'a> {
     /// # Panics
     /// When `values` is shorter than `rows · cols`.
     pub fn column_major(values: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::new(values, rows, cols, true)
+    }
+
+    fn new(values: &'a [f32], rows: usize, cols: usize, column_major: bool) -> Self {
         assert!(
             values.len() >= rows * cols,
             "a matrix needs rows × cols values"
@@ -90,21 +85,19 @@ impl<'a> Matrix<'a> {
             values,
             rows,
             cols,
-            column_major: true,
+            column_major,
         }
     }
 }
 
-/// `A·B` written as `output` says, split over [`crate::pool`]'s threads. `A` must be row-major; `B` may be either.
+/// `A·B` written as `output` says, split over [`crate::pool`]'s threads. `A` must be
+/// row-major; `B` may be either.
 ///
 /// # Panics
 /// When the inner dimensions disagree, `A` is column-major, or the CPU lacks AVX-512 (check
 /// [`available`] first).
 pub fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
-    assert_eq!(a.cols, b.rows, "inner dimensions disagree");
-    assert!(!a.column_major, "the left operand is read row by row");
-    assert!(available(), "the AVX-512 kernel needs an AVX-512 CPU");
-    avx512::multiply(a, b, output, true)
+    checked(a, b, output, true)
 }
 
 /// [`multiply`] on the calling thread alone: for callers that already run products in
@@ -113,10 +106,14 @@ pub fn multiply(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
 /// # Panics
 /// As [`multiply`].
 pub fn multiply_serial(a: Matrix<'_>, b: Matrix<'_>, output: Output) -> Vec<f32> {
+    checked(a, b, output, false)
+}
+
+fn checked(a: Matrix<'_>, b: Matrix<'_>, output: Output, parallel: bool) -> Vec<f32> {
     assert_eq!(a.cols, b.rows, "inner dimensions disagree");
     assert!(!a.column_major, "the left operand is read row by row");
     assert!(available(), "the AVX-512 kernel needs an AVX-512 CPU");
-    avx512::multiply(a, b, output, false)
+    avx512::multiply(a, b, output, parallel)
 }
 
 #[cfg(test)]

@@ -135,18 +135,22 @@ impl Plan {
                     pack_a(a, m, k, i0, p0, depth, &mut packed_a);
                     for (q, panel) in cols.clone().enumerate() {
                         let j0 = panel * NR;
-                        // SAFETY: q·NR < partial_ld: inside `partial` (when transposed).
-                        let partial_tile = unsafe { partial_at.0.add(q * NR) };
+                        // Only a transposed output has partial sums; q·NR < partial_ld keeps
+                        // this tile's inside them.
+                        let partial_tile = || {
+                            // SAFETY: `partial` holds MR · partial_ld floats when transposed.
+                            unsafe { partial_at.0.add(q * NR) }
+                        };
                         let (c, ldc, to_transposed, accumulate, from_partial) =
                             match (transposed, last) {
                                 (false, _) => (tile(i0, j0), ldc, false, p0 > 0, None),
-                                (true, false) => (partial_tile, partial_ld, false, p0 > 0, None),
+                                (true, false) => (partial_tile(), partial_ld, false, p0 > 0, None),
                                 (true, true) => (
                                     tile(i0, j0),
                                     ldc,
                                     true,
                                     false,
-                                    (p0 > 0).then_some(partial_tile.cast_const()),
+                                    (p0 > 0).then(|| partial_tile().cast_const()),
                                 ),
                             };
                         let kernel = Kernel {
@@ -402,8 +406,9 @@ impl Kernel {
         }
     }
 
-    /// Writes the tile column by column; a tile is 384 values against ~200k multiply-adds, so
-    /// the scalar transpose costs nothing measurable.
+    /// Writes the tile column by column, adding the row-major partial sums first when there are
+    /// some. The scalar transpose is paid once per tile; accumulating into the transposed layout
+    /// (`accumulate`) is left to the rare product whose weight is the small operand.
     #[inline(always)]
     unsafe fn store_transposed<const H: usize>(&self, acc: &[[__m512; 2]; H]) {
         let mut tile = [[0.0f32; NR]; H];

@@ -1,7 +1,7 @@
 //! The SwiGLU activation `silu(gate) · up` as one differentiable operation: on burn-flex one
-//! parallel pass each way (`fedtune_kernels::swiglu`), elsewhere burn's own operations.
+//! parallel pass each way (`fedtune_kernels::swiglu`), elsewhere burn's own operations,
+//! differentiated by burn.
 
-use crate::ops::host_tensor::contiguous;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -11,6 +11,8 @@ use burn::backend::{Autodiff, Backend, Cube, Flex, TensorMetadata, backend_exten
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_flex::FlexTensor;
 use fedtune_kernels::swiglu as kernel;
+
+use crate::ops::host_tensor::{contiguous, f32s};
 
 /// `silu(gate) · up`, element-wise, with gradients for both inputs.
 ///
@@ -32,10 +34,15 @@ pub trait SwigluBackend: Backend {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
-/// The activation's gradients on a backend that computes (not records) them.
-pub trait SwigluGrad: Backend {
-    /// `(grad · up · σ(g)(1 + g(1 − σ(g))), grad · silu(g))` for `g = gate`.
-    fn swiglu_grad(
+/// The fused kernels a backend has; one without composes the activation from its own
+/// operations, which the autodiff wrapper then differentiates itself.
+pub trait SwigluKernels: Backend {
+    /// `silu(gate) · up`, or `None` when this backend has no fused kernel for these inputs.
+    fn fused_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> Option<FloatTensor<Self>>;
+
+    /// `(grad · up · σ(g)(1 + g(1 − σ(g))), grad · silu(g))` for `g = gate`; only called after
+    /// [`Self::fused_swiglu`] returned some.
+    fn fused_swiglu_grad(
         gate: FloatTensor<Self>,
         up: FloatTensor<Self>,
         grad: FloatTensor<Self>,
@@ -47,53 +54,54 @@ fn composed<B: Backend>(gate: FloatTensor<B>, up: FloatTensor<B>) -> FloatTensor
     B::float_mul(silu, up)
 }
 
-fn composed_grad<B: Backend>(
-    gate: FloatTensor<B>,
-    up: FloatTensor<B>,
-    grad: FloatTensor<B>,
-) -> (FloatTensor<B>, FloatTensor<B>) {
-    let s = B::sigmoid(gate.clone());
-    let silu = B::float_mul(gate.clone(), s.clone());
-    let d_up = B::float_mul(grad.clone(), silu);
-    // σ(g)(1 + g(1 − σ(g))) = σ(g) + silu(g)(1 − σ(g))
-    let one_minus = B::float_add_scalar(B::float_neg(s.clone()), 1.0.into());
-    let slope = B::float_add(s.clone(), B::float_mul(B::float_mul(gate, s), one_minus));
-    let d_gate = B::float_mul(B::float_mul(grad, up), slope);
-    (d_gate, d_up)
+/// Float32 inputs, contiguous, or `None` for the composed path.
+fn float32(gate: FlexTensor, up: FlexTensor) -> Option<(FlexTensor, FlexTensor)> {
+    (gate.dtype() == DType::F32 && up.dtype() == DType::F32)
+        .then(|| (contiguous(gate), contiguous(up)))
 }
 
-impl SwigluBackend for Flex {
-    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
-        if gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
-            return composed::<Flex>(gate, up);
-        }
-        let (gate, up) = (contiguous(gate), contiguous(up));
-        let (Some(g), Some(u)) = (gate.as_slice::<f32>(), up.as_slice::<f32>()) else {
-            return composed::<Flex>(gate, up);
-        };
-        FlexTensor::from_data(TensorData::new(kernel::swiglu(g, u), gate.shape()))
+impl SwigluKernels for Flex {
+    fn fused_swiglu(gate: FlexTensor, up: FlexTensor) -> Option<FlexTensor> {
+        let (gate, up) = float32(gate, up)?;
+        let out = kernel::swiglu(f32s(&gate), f32s(&up));
+        Some(FlexTensor::from_data(TensorData::new(out, gate.shape())))
     }
-}
 
-impl SwigluGrad for Flex {
-    fn swiglu_grad(gate: FlexTensor, up: FlexTensor, grad: FlexTensor) -> (FlexTensor, FlexTensor) {
-        if [gate.dtype(), up.dtype(), grad.dtype()] != [DType::F32; 3] {
-            return composed_grad::<Flex>(gate, up, grad);
-        }
+    fn fused_swiglu_grad(
+        gate: FlexTensor,
+        up: FlexTensor,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
         let (gate, up, grad) = (contiguous(gate), contiguous(up), contiguous(grad));
-        let (Some(g), Some(u), Some(dy)) = (
-            gate.as_slice::<f32>(),
-            up.as_slice::<f32>(),
-            grad.as_slice::<f32>(),
-        ) else {
-            return composed_grad::<Flex>(gate, up, grad);
-        };
-        let (d_gate, d_up) = kernel::swiglu_grad(g, u, dy);
+        let (d_gate, d_up) = kernel::swiglu_grad(f32s(&gate), f32s(&up), f32s(&grad));
         let shape = gate.shape();
         (
             FlexTensor::from_data(TensorData::new(d_gate, shape.clone())),
             FlexTensor::from_data(TensorData::new(d_up, shape)),
         )
+    }
+}
+
+impl SwigluBackend for Flex {
+    fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+        match Self::fused_swiglu(gate.clone(), up.clone()) {
+            Some(out) => out,
+            None => composed::<Flex>(gate, up),
+        }
+    }
+}
+
+impl SwigluKernels for Cube {
+    fn fused_swiglu(_: FloatTensor<Self>, _: FloatTensor<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+
+    fn fused_swiglu_grad(
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+        _: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        unreachable!("CubeCL runtimes never return a fused activation, so no fused backward runs")
     }
 }
 
@@ -103,40 +111,32 @@ impl SwigluBackend for Cube {
     }
 }
 
-impl SwigluGrad for Cube {
-    fn swiglu_grad(
-        gate: FloatTensor<Self>,
-        up: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composed_grad::<Cube>(gate, up, grad)
-    }
-}
-
 /// Keeps both inputs (alive anyway: they are the projections' outputs) and computes both
 /// gradients in one pass.
 #[derive(Debug)]
 struct SwigluBackward;
 
-impl<B: SwigluGrad> Backward<B, 2> for SwigluBackward {
+impl<B: SwigluKernels> Backward<B, 2> for SwigluBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (gate, up) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let (d_gate, d_up) = B::swiglu_grad(gate, up, grad);
-        let [gate_node, up_node] = ops.parents;
-        if let Some(node) = gate_node {
-            grads.register::<B>(node.id, d_gate);
-        }
-        if let Some(node) = up_node {
-            grads.register::<B>(node.id, d_up);
+        let (d_gate, d_up) = B::fused_swiglu_grad(gate, up, grad);
+        for (node, grad) in ops.parents.into_iter().zip([d_gate, d_up]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, grad);
+            }
         }
     }
 }
 
-impl<B: SwigluBackend + SwigluGrad, C: CheckpointStrategy> SwigluBackend for Autodiff<B, C> {
+impl<B: SwigluBackend + SwigluKernels, C: CheckpointStrategy> SwigluBackend for Autodiff<B, C> {
     fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let Some(out) = B::fused_swiglu(gate.primitive().clone(), up.primitive().clone()) else {
+            // No fused kernel: burn's operations on this wrapper record their own backward.
+            return composed::<Self>(gate, up);
+        };
         let (gate, gate_node) = gate.into_parts();
         let (up, up_node) = up.into_parts();
         match SwigluBackward
@@ -144,11 +144,8 @@ impl<B: SwigluBackend + SwigluGrad, C: CheckpointStrategy> SwigluBackend for Aut
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => {
-                let out = B::swiglu(gate.clone(), up.clone());
-                prep.finish((gate, up), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::swiglu(gate, up)),
+            OpsKind::Tracked(prep) => prep.finish((gate, up), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
 }
